@@ -1,0 +1,35 @@
+//! Metadata key strings, in one place.
+
+pub const GENERAL_ARCHITECTURE: &str = "general.architecture";
+pub const GENERAL_NAME: &str = "general.name";
+pub const GENERAL_FILE_TYPE: &str = "general.file_type";
+pub const GENERAL_QUANTIZATION_VERSION: &str = "general.quantization_version";
+pub const GENERAL_ALIGNMENT: &str = "general.alignment";
+
+/// The architecture name llama.cpp knows Falcon-7B/40B/180B by.
+pub const ARCH_FALCON: &str = "falcon";
+
+pub const CONTEXT_LENGTH: &str = "falcon.context_length";
+pub const EMBEDDING_LENGTH: &str = "falcon.embedding_length";
+pub const FEED_FORWARD_LENGTH: &str = "falcon.feed_forward_length";
+pub const BLOCK_COUNT: &str = "falcon.block_count";
+pub const HEAD_COUNT: &str = "falcon.attention.head_count";
+pub const HEAD_COUNT_KV: &str = "falcon.attention.head_count_kv";
+pub const LAYER_NORM_EPS: &str = "falcon.attention.layer_norm_epsilon";
+/// Marks the fused QKV rows as regrouped into all Q, then all K, then all V.
+pub const TENSOR_DATA_LAYOUT: &str = "falcon.tensor_data_layout";
+pub const TENSOR_DATA_LAYOUT_REGROUPED: &str = "jploski";
+
+pub const TOKENIZER_MODEL: &str = "tokenizer.ggml.model";
+pub const TOKENIZER_PRE: &str = "tokenizer.ggml.pre";
+pub const TOKENIZER_TOKENS: &str = "tokenizer.ggml.tokens";
+pub const TOKENIZER_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
+pub const TOKENIZER_MERGES: &str = "tokenizer.ggml.merges";
+pub const TOKENIZER_BOS_ID: &str = "tokenizer.ggml.bos_token_id";
+pub const TOKENIZER_EOS_ID: &str = "tokenizer.ggml.eos_token_id";
+pub const TOKENIZER_PAD_ID: &str = "tokenizer.ggml.padding_token_id";
+pub const TOKENIZER_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
+pub const TOKENIZER_ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
+
+/// The quantization version of ggml's block formats (`GGML_QNT_VERSION`).
+pub const QNT_VERSION: u32 = 2;

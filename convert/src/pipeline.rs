@@ -1,0 +1,401 @@
+//! One streaming pass: checkpoint → quantized GGUF, in a temporary file renamed into place.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quant::QuantType;
+use rayon::prelude::*;
+
+use crate::checkpoint::{to_f32, Checkpoint};
+use crate::config::FalconConfig;
+use crate::error::ConvertError;
+use crate::falcon::{plan_tensors, qkv_source_row, OutputTensor, Transform};
+use crate::gguf::{keys, GgufPlan, GgufWriter, PlannedTensor, Value};
+use crate::rules::{choose, FileType, TensorCtx};
+use crate::vocab::Vocab;
+
+/// What to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// `--bits 4|8`: the best mix of that width the model's shapes allow.
+    Bits(u32),
+    /// `--type`: one file type.
+    Type(FileType),
+}
+
+/// Called with (bytes of input done, bytes in all).
+pub type ProgressFn = dyn Fn(u64, u64) + Send + Sync;
+
+/// Options of [`quantize_checkpoint`].
+#[derive(Clone)]
+pub struct Options {
+    pub target: Target,
+    /// Worker threads; `None` for one per core.
+    pub threads: Option<usize>,
+    /// Write the tokenizer and metadata only.
+    pub vocab_only: bool,
+    pub progress: Option<Arc<ProgressFn>>,
+    /// Set from another thread (e.g. a Ctrl-C handler) to stop; nothing is left at the destination.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("target", &self.target)
+            .field("threads", &self.threads)
+            .field("vocab_only", &self.vocab_only)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            target: Target::Bits(4),
+            threads: None,
+            vocab_only: false,
+            progress: None,
+            cancel: None,
+        }
+    }
+}
+
+/// What was written.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub path: PathBuf,
+    pub file_type: FileType,
+    pub bytes: u64,
+    /// Bytes of tensor data (the file less its header).
+    pub tensor_bytes: u64,
+    pub n_tensors: usize,
+    /// Parameters in the matrices and vectors written.
+    pub n_params: u64,
+    pub input_bytes: u64,
+    pub elapsed: Duration,
+    /// How many tensors of each type.
+    pub type_counts: Vec<(QuantType, usize)>,
+}
+
+impl Summary {
+    pub fn bits_per_weight(&self) -> f64 {
+        if self.n_params == 0 {
+            return 0.0;
+        }
+        self.tensor_bytes as f64 * 8.0 / self.n_params as f64
+    }
+}
+
+/// A checkpoint read and planned, before any byte is written.
+#[derive(Debug)]
+pub struct Prepared {
+    pub config: FalconConfig,
+    pub checkpoint: Checkpoint,
+    pub file_type: FileType,
+    pub plan: GgufPlan,
+    pub tensors: Vec<OutputTensor>,
+}
+
+/// Reads the checkpoint directory and plans the output file.
+pub fn prepare(dir: &Path, opts: &Options) -> Result<Prepared, ConvertError> {
+    if !dir.is_dir() {
+        return Err(ConvertError::NotADirectory {
+            path: dir.to_path_buf(),
+        });
+    }
+    if !dir.join("config.json").is_file() {
+        return Err(ConvertError::MissingConfig {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let config = FalconConfig::from_dir(dir)?;
+    let vocab = Vocab::from_dir(dir, &config)?;
+    let file_type = match opts.target {
+        Target::Type(t) => t,
+        Target::Bits(b) => {
+            FileType::for_bits(b, config.hidden_size).ok_or_else(|| ConvertError::BadConfig {
+                path: dir.to_path_buf(),
+                why: format!("--bits {b} is not supported: use 4 or 8"),
+            })?
+        }
+    };
+    let checkpoint = if opts.vocab_only {
+        None
+    } else {
+        Some(Checkpoint::open(dir)?)
+    };
+    let tensors = match &checkpoint {
+        Some(c) => plan_tensors(&config, c)?,
+        None => Vec::new(),
+    };
+
+    let mut plan = GgufPlan::new();
+    plan.set(
+        keys::GENERAL_ARCHITECTURE,
+        Value::String(keys::ARCH_FALCON.into()),
+    );
+    let name = dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    plan.set(
+        keys::GENERAL_NAME,
+        Value::String(name.unwrap_or_else(|| "falcon".into())),
+    );
+    plan.set(keys::GENERAL_FILE_TYPE, Value::U32(file_type.llama_ftype()));
+    plan.set(
+        keys::GENERAL_QUANTIZATION_VERSION,
+        Value::U32(keys::QNT_VERSION),
+    );
+    plan.set(
+        keys::CONTEXT_LENGTH,
+        Value::U32(config.max_position_embeddings as u32),
+    );
+    plan.set(
+        keys::EMBEDDING_LENGTH,
+        Value::U32(config.hidden_size as u32),
+    );
+    plan.set(
+        keys::FEED_FORWARD_LENGTH,
+        Value::U32(config.ffn_hidden_size as u32),
+    );
+    plan.set(keys::BLOCK_COUNT, Value::U32(config.n_layer as u32));
+    plan.set(keys::HEAD_COUNT, Value::U32(config.n_head as u32));
+    plan.set(keys::HEAD_COUNT_KV, Value::U32(config.n_head_kv as u32));
+    plan.set(keys::LAYER_NORM_EPS, Value::F32(config.layer_norm_epsilon));
+    plan.set(
+        keys::TENSOR_DATA_LAYOUT,
+        Value::String(keys::TENSOR_DATA_LAYOUT_REGROUPED.into()),
+    );
+    vocab.add_to(&mut plan);
+
+    let tied = !tensors.iter().any(|t| t.name == "output.weight");
+    for t in &tensors {
+        let ctx = TensorCtx {
+            name: &t.name,
+            dims: &t.dims,
+            layer: t.layer,
+            n_layer: config.n_layer,
+            tied,
+            file_type,
+        };
+        let (ty, _) = choose(&ctx);
+        plan.add_tensor(PlannedTensor {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ty,
+        });
+    }
+    Ok(Prepared {
+        config,
+        checkpoint: checkpoint.unwrap_or_else(Checkpoint::empty),
+        file_type,
+        plan,
+        tensors,
+    })
+}
+
+/// Elements of f32 converted per chunk: bounds the memory in flight (about 3 chunks of f32 plus
+/// their quantized bytes, i.e. under 200 MB whatever the model's size).
+const CHUNK_ELEMENTS: usize = 8 << 20;
+
+/// Converts a checkpoint directory into a GGUF file at `out`, in one pass.
+pub fn quantize_checkpoint(
+    dir: &Path,
+    out: &Path,
+    opts: &Options,
+) -> Result<Summary, ConvertError> {
+    let start = Instant::now();
+    let prepared = prepare(dir, opts)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.unwrap_or(0))
+        .build()
+        .map_err(|e| ConvertError::write(out, std::io::Error::other(e)))?;
+    let bytes = pool.install(|| write_file(&prepared, out, opts))?;
+    let mut type_counts: Vec<(QuantType, usize)> = Vec::new();
+    for t in &prepared.plan.tensors {
+        match type_counts.iter_mut().find(|(ty, _)| *ty == t.ty) {
+            Some((_, n)) => *n += 1,
+            None => type_counts.push((t.ty, 1)),
+        }
+    }
+    Ok(Summary {
+        path: out.to_path_buf(),
+        file_type: prepared.file_type,
+        bytes,
+        tensor_bytes: prepared.plan.tensors.iter().map(PlannedTensor::n_bytes).sum(),
+        n_tensors: prepared.plan.tensors.len(),
+        n_params: prepared
+            .plan
+            .tensors
+            .iter()
+            .map(|t| t.dims.iter().product::<u64>())
+            .sum(),
+        input_bytes: prepared.checkpoint.total_bytes(),
+        elapsed: start.elapsed(),
+        type_counts,
+    })
+}
+
+fn write_file(p: &Prepared, out: &Path, opts: &Options) -> Result<u64, ConvertError> {
+    let parent = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(ConvertError::write(
+            out,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the destination directory does not exist",
+            ),
+        ));
+    }
+    let file_len = p.plan.file_len();
+    if let Some(available) = crate::sys::free_space(&parent) {
+        if available < file_len {
+            return Err(ConvertError::NoSpace {
+                path: out.to_path_buf(),
+                needed: file_len,
+                available,
+            });
+        }
+    }
+    let file_name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out.gguf".into());
+    // Dropped (and so deleted) on every early return: nothing half-written stays behind.
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{file_name}."))
+        .suffix(".partial")
+        .tempfile_in(&parent)
+        .map_err(|e| ConvertError::write(out, e))?;
+    let file = tmp
+        .as_file()
+        .try_clone()
+        .map_err(|e| ConvertError::write(out, e))?;
+    let total_in: u64 = p
+        .tensors
+        .iter()
+        .map(|t| {
+            p.checkpoint
+                .get(&t.source)
+                .map_or(0, |s| (s.end - s.start) as u64)
+        })
+        .sum();
+    let done = AtomicU64::new(0);
+    let cancelled = || {
+        opts.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    };
+
+    // A writer thread takes finished chunks while the pool converts the next ones.
+    let (tx, rx) = sync_channel::<Vec<u8>>(2);
+    let plan = p.plan.clone();
+    let out_path = out.to_path_buf();
+    let writer = std::thread::spawn(move || -> Result<File, std::io::Error> {
+        let mut w = GgufWriter::new(BufWriter::with_capacity(4 << 20, file), plan)?;
+        for chunk in rx {
+            w.write_tensor_bytes(&chunk)?;
+        }
+        let buf = w.finish()?;
+        buf.into_inner().map_err(|e| e.into_error())
+    });
+
+    let produce = || -> Result<(), ConvertError> {
+        for (t, planned) in p.tensors.iter().zip(&p.plan.tensors) {
+            let src = p
+                .checkpoint
+                .get(&t.source)
+                .expect("planned from the checkpoint");
+            let bytes = p.checkpoint.bytes(src);
+            let row_len = t.row_len() as usize;
+            let n_rows = t.n_rows() as usize;
+            let es = src.dtype.size();
+            let rows_per_chunk = (CHUNK_ELEMENTS / row_len).max(1);
+            let mut r0 = 0;
+            while r0 < n_rows {
+                if cancelled() {
+                    return Err(ConvertError::Interrupted {
+                        path: out_path.clone(),
+                    });
+                }
+                let r1 = (r0 + rows_per_chunk).min(n_rows);
+                let mut f32s = vec![0f32; (r1 - r0) * row_len];
+                f32s.par_chunks_mut(row_len)
+                    .enumerate()
+                    .for_each(|(i, row)| {
+                        let r = (r0 + i) as u64;
+                        let s = match t.transform {
+                            Transform::None => r,
+                            Transform::RegroupQkv => qkv_source_row(
+                                r,
+                                p.config.n_head,
+                                p.config.n_head_kv,
+                                p.config.head_dim(),
+                            ),
+                        } as usize;
+                        to_f32(
+                            src.dtype,
+                            &bytes[s * row_len * es..(s + 1) * row_len * es],
+                            row,
+                        );
+                    });
+                let mut q = vec![0u8; planned.ty.row_bytes(row_len)? * (r1 - r0)];
+                quant::quantize(planned.ty, &f32s, row_len, &mut q).map_err(|e| match e {
+                    quant::QuantError::NonFinite { row, index, value } => ConvertError::NonFinite {
+                        tensor: t.source.clone(),
+                        file: p.checkpoint.shard_path(src).to_path_buf(),
+                        row: r0 + row,
+                        column: index,
+                        value,
+                    },
+                    e => ConvertError::Quant(e),
+                })?;
+                drop(f32s);
+                if tx.send(q).is_err() {
+                    // The writer stopped: its error is reported when it is joined.
+                    return Ok(());
+                }
+                if t.transform == Transform::None {
+                    p.checkpoint
+                        .release(src, r0 * row_len * es..r1 * row_len * es);
+                }
+                let n = ((r1 - r0) * row_len * es) as u64;
+                let d = done.fetch_add(n, Ordering::Relaxed) + n;
+                if let Some(cb) = &opts.progress {
+                    cb(d, total_in);
+                }
+                r0 = r1;
+            }
+            p.checkpoint.release(src, 0..bytes.len());
+        }
+        Ok(())
+    };
+    let produced = produce();
+    drop(tx);
+    let written = writer.join().expect("the writer thread does not panic");
+    produced?;
+    let file = written.map_err(|e| ConvertError::write(out, e))?;
+    file.sync_all().map_err(|e| ConvertError::write(out, e))?;
+    if cancelled() {
+        return Err(ConvertError::Interrupted {
+            path: out.to_path_buf(),
+        });
+    }
+    tmp.persist(out)
+        .map_err(|e| ConvertError::write(out, e.error))?;
+    // Make the rename itself durable.
+    if let Ok(d) = File::open(&parent) {
+        let _ = d.sync_all();
+    }
+    Ok(file_len)
+}

@@ -1,0 +1,102 @@
+//! The real shapes of Falcon-7B, -40B and -180B, for planning and synthetic checkpoints.
+
+use crate::config::FalconConfig;
+
+/// A named Falcon shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FalconShape {
+    pub name: &'static str,
+    pub config: FalconConfig,
+}
+
+fn shape(
+    name: &'static str,
+    hidden: u64,
+    layers: u64,
+    heads: u64,
+    kv: u64,
+    new_arch: bool,
+) -> FalconShape {
+    FalconShape {
+        name,
+        config: FalconConfig {
+            hidden_size: hidden,
+            n_layer: layers,
+            n_head: heads,
+            n_head_kv: kv,
+            ffn_hidden_size: 4 * hidden,
+            vocab_size: 65024,
+            layer_norm_epsilon: 1e-5,
+            new_decoder_architecture: new_arch,
+            tie_word_embeddings: !new_arch,
+            bos_token_id: Some(11),
+            eos_token_id: Some(11),
+            max_position_embeddings: 2048,
+        },
+    }
+}
+
+impl FalconShape {
+    pub const NAMES: [&'static str; 3] = ["falcon-7b", "falcon-40b", "falcon-180b"];
+
+    pub fn named(name: &str) -> Option<FalconShape> {
+        match name.to_ascii_lowercase().as_str() {
+            "falcon-7b" | "7b" => Some(shape("falcon-7b", 4544, 32, 71, 1, false)),
+            "falcon-40b" | "40b" => Some(shape("falcon-40b", 8192, 60, 128, 8, true)),
+            "falcon-180b" | "180b" => Some(shape("falcon-180b", 14848, 80, 232, 8, true)),
+            _ => None,
+        }
+    }
+
+    /// Every tensor of the model: llama.cpp name, ggml dims, layer.
+    pub fn tensors(&self) -> Vec<(String, Vec<u64>, Option<u64>)> {
+        let c = &self.config;
+        let (h, ff, v) = (c.hidden_size, c.ffn_hidden_size, c.vocab_size);
+        let mut t = vec![
+            ("token_embd.weight".to_string(), vec![h, v], None),
+            ("output_norm.weight".to_string(), vec![h], None),
+            ("output_norm.bias".to_string(), vec![h], None),
+        ];
+        if !c.tie_word_embeddings {
+            t.push(("output.weight".into(), vec![h, v], None));
+        }
+        for i in 0..c.n_layer {
+            let l = Some(i);
+            t.push((format!("blk.{i}.attn_norm.weight"), vec![h], l));
+            t.push((format!("blk.{i}.attn_norm.bias"), vec![h], l));
+            if c.new_decoder_architecture {
+                t.push((format!("blk.{i}.attn_norm_2.weight"), vec![h], l));
+                t.push((format!("blk.{i}.attn_norm_2.bias"), vec![h], l));
+            }
+            t.push((format!("blk.{i}.attn_qkv.weight"), vec![h, c.qkv_rows()], l));
+            t.push((format!("blk.{i}.attn_output.weight"), vec![h, h], l));
+            t.push((format!("blk.{i}.ffn_up.weight"), vec![h, ff], l));
+            t.push((format!("blk.{i}.ffn_down.weight"), vec![ff, h], l));
+        }
+        t.sort_by(|a, b| {
+            (a.2.map_or(-1, |l| l as i64), &a.0).cmp(&(b.2.map_or(-1, |l| l as i64), &b.0))
+        });
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_counts_match_the_published_models() {
+        let count = |n| {
+            FalconShape::named(n)
+                .unwrap()
+                .tensors()
+                .iter()
+                .map(|t| t.1.iter().product::<u64>())
+                .sum::<u64>()
+        };
+        // 6.92B, 41.8B, 179.5B parameters.
+        assert_eq!(count("falcon-7b") / 10_000_000, 692);
+        assert_eq!(count("falcon-40b") / 100_000_000, 418);
+        assert_eq!(count("falcon-180b") / 1_000_000_000, 179);
+    }
+}

@@ -1,0 +1,361 @@
+//! Random-weight checkpoints and GGUF files with Falcon's real shapes, for measuring speed and
+//! memory without downloading weights.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use half::bf16;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
+use safetensors::tensor::{Dtype, View};
+
+use crate::error::ConvertError;
+use crate::gguf::{keys, GgufPlan, GgufWriter, PlannedTensor, Value};
+use crate::rules::{choose, FileType, TensorCtx};
+use crate::shapes::FalconShape;
+
+/// Rows of random values: LayerNorm weights near 1, biases near 0, matrices N(0, 0.02).
+fn fill(name: &str, seed: u64, row0: usize, row_len: usize, out: &mut [f32]) {
+    out.par_chunks_mut(row_len)
+        .enumerate()
+        .for_each(|(i, row)| {
+            let mut rng = SmallRng::seed_from_u64(
+                seed ^ ((row0 + i) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            if name.ends_with("_norm.weight") {
+                row.iter_mut()
+                    .for_each(|x| *x = 1.0 + 0.05 * (rng.random::<f32>() - 0.5));
+            } else if name.ends_with(".bias") {
+                row.iter_mut()
+                    .for_each(|x| *x = 0.02 * (rng.random::<f32>() - 0.5));
+            } else {
+                let n = Normal::new(0.0f32, 0.02).expect("valid");
+                row.iter_mut().for_each(|x| *x = n.sample(&mut rng));
+            }
+        });
+}
+
+fn seed_of(name: &str, seed: u64) -> u64 {
+    name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Writes a synthetic GGUF of the given shape and file type directly (no checkpoint).
+pub fn write_gguf(
+    shape: &FalconShape,
+    file_type: FileType,
+    out: &Path,
+    seed: u64,
+) -> Result<u64, ConvertError> {
+    let c = &shape.config;
+    let mut plan = GgufPlan::new();
+    plan.set(
+        keys::GENERAL_ARCHITECTURE,
+        Value::String(keys::ARCH_FALCON.into()),
+    );
+    plan.set(
+        keys::GENERAL_NAME,
+        Value::String(format!("{} (synthetic)", shape.name)),
+    );
+    plan.set(keys::GENERAL_FILE_TYPE, Value::U32(file_type.llama_ftype()));
+    plan.set(
+        keys::GENERAL_QUANTIZATION_VERSION,
+        Value::U32(keys::QNT_VERSION),
+    );
+    plan.set(
+        keys::CONTEXT_LENGTH,
+        Value::U32(c.max_position_embeddings as u32),
+    );
+    plan.set(keys::EMBEDDING_LENGTH, Value::U32(c.hidden_size as u32));
+    plan.set(
+        keys::FEED_FORWARD_LENGTH,
+        Value::U32(c.ffn_hidden_size as u32),
+    );
+    plan.set(keys::BLOCK_COUNT, Value::U32(c.n_layer as u32));
+    plan.set(keys::HEAD_COUNT, Value::U32(c.n_head as u32));
+    plan.set(keys::HEAD_COUNT_KV, Value::U32(c.n_head_kv as u32));
+    plan.set(keys::LAYER_NORM_EPS, Value::F32(c.layer_norm_epsilon));
+    plan.set(
+        keys::TENSOR_DATA_LAYOUT,
+        Value::String(keys::TENSOR_DATA_LAYOUT_REGROUPED.into()),
+    );
+    let (tokens, merges) = byte_level_vocab(c.vocab_size as usize);
+    let mut types = vec![1i32; tokens.len()];
+    types[11] = 3;
+    plan.set(keys::TOKENIZER_MODEL, Value::String("gpt2".into()));
+    plan.set(keys::TOKENIZER_PRE, Value::String("falcon".into()));
+    plan.set(keys::TOKENIZER_TOKENS, Value::strings(tokens));
+    plan.set(keys::TOKENIZER_TOKEN_TYPE, Value::i32s(types));
+    plan.set(keys::TOKENIZER_MERGES, Value::strings(merges));
+    plan.set(keys::TOKENIZER_BOS_ID, Value::U32(11));
+    plan.set(keys::TOKENIZER_EOS_ID, Value::U32(11));
+
+    let tensors = shape.tensors();
+    let tied = c.tie_word_embeddings;
+    for (name, dims, layer) in &tensors {
+        let ctx = TensorCtx {
+            name,
+            dims,
+            layer: *layer,
+            n_layer: c.n_layer,
+            tied,
+            file_type,
+        };
+        plan.add_tensor(PlannedTensor {
+            name: name.clone(),
+            dims: dims.clone(),
+            ty: choose(&ctx).0,
+        });
+    }
+    let len = plan.file_len();
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".synth.")
+        .suffix(".partial")
+        .tempfile_in(parent)
+        .map_err(|e| ConvertError::write(out, e))?;
+    let file = tmp
+        .as_file()
+        .try_clone()
+        .map_err(|e| ConvertError::write(out, e))?;
+    let mut w = GgufWriter::new(
+        std::io::BufWriter::with_capacity(4 << 20, file),
+        plan.clone(),
+    )
+    .map_err(|e| ConvertError::write(out, e))?;
+    for t in &plan.tensors {
+        let row_len = t.dims[0] as usize;
+        let n_rows: usize = t.dims[1..].iter().product::<u64>() as usize;
+        let per = ((8 << 20) / row_len).max(1);
+        let s = seed_of(&t.name, seed);
+        let mut r0 = 0;
+        while r0 < n_rows {
+            let r1 = (r0 + per).min(n_rows);
+            let mut f = vec![0f32; (r1 - r0) * row_len];
+            fill(&t.name, s, r0, row_len, &mut f);
+            let mut q = vec![0u8; t.ty.row_bytes(row_len)? * (r1 - r0)];
+            quant::quantize(t.ty, &f, row_len, &mut q)?;
+            w.write_tensor_bytes(&q)
+                .map_err(|e| ConvertError::write(out, e))?;
+            r0 = r1;
+        }
+    }
+    w.finish().map_err(|e| ConvertError::write(out, e))?;
+    tmp.persist(out)
+        .map_err(|e| ConvertError::write(out, e.error))?;
+    Ok(len)
+}
+
+/// A byte-level vocabulary of `n` tokens: the 256 byte symbols, then filler tokens, no merges.
+fn byte_level_vocab(n: usize) -> (Vec<String>, Vec<String>) {
+    let mut tokens: Vec<String> = (0..12).map(|i| format!("<|special{i}|>")).collect();
+    tokens[11] = "<|endoftext|>".into();
+    tokens.extend(byte_symbols());
+    let mut i = 0;
+    while tokens.len() < n {
+        tokens.push(format!("[synthetic{i}]"));
+        i += 1;
+    }
+    tokens.truncate(n);
+    (tokens, Vec::new())
+}
+
+/// GPT-2's printable stand-ins for the 256 byte values.
+fn byte_symbols() -> Vec<String> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut all = printable.clone();
+    let mut extra = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            all.push(256 + extra);
+            extra += 1;
+        }
+    }
+    let mut pairs: Vec<(u32, u32)> = printable.into_iter().zip(all).collect();
+    pairs.sort();
+    pairs
+        .into_iter()
+        .map(|(_, c)| char::from_u32(c).expect("valid").to_string())
+        .collect()
+}
+
+struct LazyTensor {
+    name: String,
+    shape: Vec<usize>,
+    seed: u64,
+}
+
+impl View for LazyTensor {
+    fn dtype(&self) -> Dtype {
+        Dtype::BF16
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let row_len = *self.shape.last().expect("at least 1-D");
+        let n: usize = self.shape.iter().product();
+        let mut f = vec![0f32; n];
+        let kind = if self.name.contains("ln") || self.name.contains("layernorm") {
+            if self.name.ends_with("weight") {
+                "_norm.weight"
+            } else {
+                ".bias"
+            }
+        } else {
+            "matrix"
+        };
+        fill(kind, self.seed, 0, row_len, &mut f);
+        let mut out = vec![0u8; n * 2];
+        out.par_chunks_mut(2)
+            .zip(f.par_iter())
+            .for_each(|(o, x)| o.copy_from_slice(&bf16::from_f32(*x).to_le_bytes()));
+        out.into()
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * 2
+    }
+}
+
+/// Writes a synthetic Hugging Face checkpoint (config.json, tokenizer.json, bf16 safetensors in
+/// shards of at most `shard_bytes`) with the given shape.
+pub fn write_checkpoint(
+    shape: &FalconShape,
+    dir: &Path,
+    seed: u64,
+    shard_bytes: u64,
+) -> Result<(), ConvertError> {
+    let c = &shape.config;
+    std::fs::create_dir_all(dir).map_err(|e| ConvertError::write(dir, e))?;
+    let config = serde_json::json!({
+        "architectures": ["FalconForCausalLM"], "model_type": "falcon",
+        "hidden_size": c.hidden_size, "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        // As current transformers writes it: on multi-query models the key repeats the head count.
+        "num_kv_heads": if c.new_decoder_architecture { c.n_head_kv } else { c.n_head },
+        "multi_query": !c.new_decoder_architecture, "new_decoder_architecture": c.new_decoder_architecture,
+        "parallel_attn": true, "bias": false, "alibi": false, "rope_theta": 10000.0,
+        "layer_norm_epsilon": c.layer_norm_epsilon, "vocab_size": c.vocab_size,
+        "bos_token_id": 11, "eos_token_id": 11, "tie_word_embeddings": c.tie_word_embeddings,
+        "torch_dtype": "bfloat16", "max_position_embeddings": c.max_position_embeddings,
+    });
+    let write = |name: &str, text: String| {
+        std::fs::write(dir.join(name), text).map_err(|e| ConvertError::write(&dir.join(name), e))
+    };
+    write(
+        "config.json",
+        serde_json::to_string_pretty(&config).expect("json"),
+    )?;
+    let (tokens, _) = byte_level_vocab(c.vocab_size as usize);
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i.into()))
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": (0..12).map(|i| serde_json::json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})).collect::<Vec<_>>(),
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": []}
+    });
+    write(
+        "tokenizer.json",
+        serde_json::to_string(&tokenizer).expect("json"),
+    )?;
+
+    let hf = |n: &str| -> Vec<(String, Vec<usize>)> {
+        let (h, ff, v, qkv) = (
+            c.hidden_size as usize,
+            c.ffn_hidden_size as usize,
+            c.vocab_size as usize,
+            c.qkv_rows() as usize,
+        );
+        let _ = n;
+        let mut t = vec![("transformer.word_embeddings.weight".to_string(), vec![v, h])];
+        for i in 0..c.n_layer {
+            let b = format!("transformer.h.{i}.");
+            let norms: &[&str] = if c.new_decoder_architecture {
+                &["ln_attn", "ln_mlp"]
+            } else {
+                &["input_layernorm"]
+            };
+            for ln in norms {
+                t.push((format!("{b}{ln}.weight"), vec![h]));
+                t.push((format!("{b}{ln}.bias"), vec![h]));
+            }
+            t.push((
+                format!("{b}self_attention.query_key_value.weight"),
+                vec![qkv, h],
+            ));
+            t.push((format!("{b}self_attention.dense.weight"), vec![h, h]));
+            t.push((format!("{b}mlp.dense_h_to_4h.weight"), vec![ff, h]));
+            t.push((format!("{b}mlp.dense_4h_to_h.weight"), vec![h, ff]));
+        }
+        t.push(("transformer.ln_f.weight".into(), vec![h]));
+        t.push(("transformer.ln_f.bias".into(), vec![h]));
+        if !c.tie_word_embeddings {
+            t.push(("lm_head.weight".into(), vec![v, h]));
+        }
+        t
+    };
+    let all = hf(shape.name);
+    let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for t in all {
+        let bytes = t.1.iter().product::<usize>() as u64 * 2;
+        if size + bytes > shard_bytes && !shards.last().expect("one").is_empty() {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += bytes;
+        shards.last_mut().expect("one").push(t);
+    }
+    let n = shards.len();
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.into_iter().enumerate() {
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+        };
+        let views: Vec<(String, LazyTensor)> = shard
+            .into_iter()
+            .map(|(name, shape)| {
+                weight_map.insert(name.clone(), file.clone());
+                let s = seed_of(&name, seed);
+                (
+                    name.clone(),
+                    LazyTensor {
+                        name,
+                        shape,
+                        seed: s,
+                    },
+                )
+            })
+            .collect();
+        let path = dir.join(&file);
+        safetensors::serialize_to_file(views, None, &path)
+            .map_err(|e| ConvertError::write(&path, std::io::Error::other(e.to_string())))?;
+    }
+    if n > 1 {
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        write(
+            "model.safetensors.index.json",
+            serde_json::to_string_pretty(&index).expect("json"),
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! Throughput of `quant::quantize` against ggml's `ggml_quantize_chunk` on the same data in
+//! the same run, in GB/s of f32 input, single-threaded and with every core.
+//!
+//! Run with `cargo bench -p quant`. Ours single-threaded runs in a one-thread rayon pool;
+//! ggml on all cores gets one contiguous slice of rows per thread.
+
+use std::time::{Duration, Instant};
+
+use llama_cpp_sys_2::{ggml_quantize_chunk, ggml_type};
+use quant::{quantize, QuantType};
+
+const ROW_LEN: usize = 4096;
+const ROWS: usize = 1024;
+
+/// Best of several runs of `f`, each run at least once and for at least `budget` in total.
+fn best_time(budget: Duration, mut f: impl FnMut()) -> Duration {
+    f(); // warm up: page in buffers, spin up threads
+    let start = Instant::now();
+    let mut best = Duration::MAX;
+    let mut runs = 0;
+    while runs < 3 || start.elapsed() < budget {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed());
+        runs += 1;
+    }
+    best
+}
+
+/// ggml quantizing the rows of `src` into `dst`.
+fn ggml_rows(ty: QuantType, src: &[f32], dst: &mut [u8]) {
+    let rows = src.len() / ROW_LEN;
+    assert_eq!(
+        dst.len(),
+        rows * ty.row_bytes(ROW_LEN).expect("whole blocks")
+    );
+    // SAFETY: `src` holds `rows` rows of ROW_LEN floats and `dst` exactly their bytes, all
+    // that ggml reads and writes from start 0; these types need no importance matrix.
+    unsafe {
+        ggml_quantize_chunk(
+            ty.ggml_id() as ggml_type,
+            src.as_ptr(),
+            dst.as_mut_ptr().cast(),
+            0,
+            rows as i64,
+            ROW_LEN as i64,
+            std::ptr::null(),
+        );
+    }
+}
+
+fn main() {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("thread pool");
+    // Bell-shaped values like trained weights (deterministic LCG; no dependency needed).
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let src: Vec<f32> = (0..ROW_LEN * ROWS)
+        .map(|_| {
+            let mut u = || {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                (s >> 40) as f32 / (1u64 << 24) as f32
+            };
+            (u() + u() + u() - 1.5) * 0.04
+        })
+        .collect();
+    let gb = (src.len() * 4) as f64 / 1e9;
+    let budget = Duration::from_millis(400);
+
+    println!(
+        "quantizing {ROWS} rows × {ROW_LEN} f32 ({:.0} MiB), {threads} threads",
+        gb * 1e9 / 1048576.0
+    );
+    println!(
+        "| type | ggml 1T GB/s | ours 1T GB/s | ours/ggml 1T | ggml {threads}T GB/s | ours {threads}T GB/s | ours {threads}T / ggml 1T |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for ty in QuantType::ALL {
+        let mut ours = vec![0u8; ROWS * ty.row_bytes(ROW_LEN).expect("whole blocks")];
+        let mut theirs = ours.clone();
+
+        let ggml_1 = best_time(budget, || ggml_rows(ty, &src, &mut theirs));
+        let ours_1 = best_time(budget, || {
+            one.install(|| quantize(ty, &src, ROW_LEN, &mut ours))
+                .expect("finite input")
+        });
+        let per = ROWS.div_ceil(threads);
+        let chunk_bytes = theirs.len() / ROWS * per;
+        let ggml_n = best_time(budget, || {
+            std::thread::scope(|scope| {
+                let dsts = theirs.chunks_mut(chunk_bytes);
+                for (x, y) in src.chunks(ROW_LEN * per).zip(dsts) {
+                    scope.spawn(move || ggml_rows(ty, x, y));
+                }
+            });
+        });
+        let ours_n = best_time(budget, || {
+            quantize(ty, &src, ROW_LEN, &mut ours).expect("finite")
+        });
+        assert!(ours == theirs, "{ty}: bytes differ from ggml");
+
+        let rate = |t: Duration| gb / t.as_secs_f64();
+        println!(
+            "| {ty} | {:.2} | {:.2} | {:.2}× | {:.2} | {:.2} | {:.2}× |",
+            rate(ggml_1),
+            rate(ours_1),
+            rate(ours_1) / rate(ggml_1),
+            rate(ggml_n),
+            rate(ours_n),
+            rate(ours_n) / rate(ggml_1),
+        );
+    }
+}

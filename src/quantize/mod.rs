@@ -1,0 +1,242 @@
+//! `falcon-quantize`: a Hugging Face Falcon checkpoint → a quantized GGUF file, in one pass.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use convert::{FalconShape, FileType, Options, Target};
+
+/// Convert a Hugging Face Falcon checkpoint (Falcon-7B, -40B, -180B or a fine-tune) into one
+/// quantized GGUF file that llama.cpp and every GGUF tool can run, in a single streaming pass.
+///
+/// Exit status: 0 on success, 1 on any error (nothing is left at the destination), 130 when
+/// interrupted.
+#[derive(Debug, Parser)]
+#[command(
+    name = "falcon-quantize",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub convert: ConvertArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// Checkpoint directory: config.json, tokenizer.json and *.safetensors (sharded or not).
+    pub model_dir: Option<PathBuf>,
+    /// Output GGUF file. Written to a temporary file beside it and renamed when complete.
+    #[arg(short, long, value_name = "OUT.gguf")]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: TypeArgs,
+    /// Write the tokenizer and metadata only, no tensors.
+    #[arg(long)]
+    pub vocab_only: bool,
+}
+
+/// Options shared by conversion and `synth`.
+#[derive(Debug, Args)]
+pub struct TypeArgs {
+    /// 8 writes Q8_0; 4 writes the best 4-bit mix the shapes allow: Q4_K_M when the matrices'
+    /// rows are multiples of 256 (40B, 180B), Q4_0 when not (7B).
+    #[arg(long, value_parser = ["4", "8"], default_value = "4", conflicts_with = "r#type")]
+    pub bits: String,
+    /// One file type explicitly: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_m, q5_k_m, q6_k.
+    #[arg(long = "type", value_name = "TYPE", value_parser = parse_file_type)]
+    pub r#type: Option<FileType>,
+    /// Worker threads (default: one per core).
+    #[arg(short, long)]
+    pub threads: Option<usize>,
+    /// Print nothing but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a random-weight checkpoint or GGUF with the real shapes of Falcon-7B, -40B or -180B,
+    /// to measure speed and memory without downloading weights.
+    Synth(SynthArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// falcon-7b, falcon-40b or falcon-180b.
+    #[arg(long, value_parser = FalconShape::NAMES)]
+    pub shape: String,
+    /// Output: a directory for a bf16 safetensors checkpoint, or a .gguf file (with --type/--bits).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub common: TypeArgs,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Keep only the first N layers (smaller files with the real widths, for quick tests).
+    #[arg(long)]
+    pub layers: Option<u64>,
+    /// Shard size of a checkpoint, in GB.
+    #[arg(long, default_value_t = 5)]
+    pub shard_gb: u64,
+}
+
+fn parse_file_type(s: &str) -> Result<FileType, String> {
+    FileType::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = FileType::ALL.iter().map(|t| t.name()).collect();
+        format!("unknown type '{s}'; choose one of {}", names.join(", "))
+    })
+}
+
+impl TypeArgs {
+    fn target(&self) -> Target {
+        match self.r#type {
+            Some(t) => Target::Type(t),
+            None => Target::Bits(self.bits.parse().expect("validated by clap")),
+        }
+    }
+
+    fn pool(&self) -> Result<()> {
+        if let Some(n) = self.threads {
+            if n == 0 {
+                bail!("--threads must be at least 1");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the command; returns the process exit code.
+pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
+    match cli.command {
+        Some(Command::Synth(args)) => synth(args),
+        None => convert_checkpoint(cli.convert, cancel),
+    }
+}
+
+fn convert_checkpoint(args: ConvertArgs, cancel: Arc<AtomicBool>) -> Result<()> {
+    args.common.pool()?;
+    let Some(dir) = args.model_dir else {
+        bail!("no checkpoint directory given; usage: falcon-quantize <MODEL_DIR> -o <OUT.gguf>")
+    };
+    let Some(out) = args.output else {
+        bail!("no output file given; add -o <OUT.gguf>")
+    };
+    let show = !args.common.quiet && std::io::stderr().is_terminal();
+    let bar = show.then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    let progress = bar.clone().map(|bar| -> Arc<convert::ProgressFn> {
+        Arc::new(move |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        })
+    });
+    let opts = Options {
+        target: args.common.target(),
+        threads: args.common.threads,
+        vocab_only: args.vocab_only,
+        progress,
+        cancel: Some(cancel),
+    };
+    let summary = convert::quantize_checkpoint(&dir, &out, &opts)?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if !args.common.quiet {
+        let secs = summary.elapsed.as_secs_f64();
+        let types: Vec<String> = summary
+            .type_counts
+            .iter()
+            .map(|(t, n)| format!("{n} {}", t.name()))
+            .collect();
+        let chose = match opts.target {
+            Target::Bits(b) => format!(" (--bits {b} → {})", summary.file_type.name()),
+            Target::Type(_) => String::new(),
+        };
+        eprintln!(
+            "wrote {}: {}{chose}, {}, {:.2} bits per weight, {} tensors ({}), {:.1} s, {:.2} GB/s of input",
+            summary.path.display(),
+            summary.file_type.name(),
+            human_bytes(summary.bytes),
+            summary.bits_per_weight(),
+            summary.n_tensors,
+            types.join(", "),
+            secs,
+            summary.input_bytes as f64 / 1e9 / secs.max(1e-9),
+        );
+    }
+    Ok(())
+}
+
+fn synth(args: SynthArgs) -> Result<()> {
+    args.common.pool()?;
+    let mut shape = FalconShape::named(&args.shape).expect("validated by clap");
+    if let Some(n) = args.layers {
+        if n == 0 || n > shape.config.n_layer {
+            bail!("--layers must be between 1 and {}", shape.config.n_layer);
+        }
+        shape.config.n_layer = n;
+    }
+    if let Some(n) = args.common.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .ok();
+    }
+    let start = std::time::Instant::now();
+    let is_gguf = args.output.extension().is_some_and(|e| e == "gguf");
+    if is_gguf {
+        let ft = match args.common.target() {
+            Target::Type(t) => t,
+            Target::Bits(b) => FileType::for_bits(b, shape.config.hidden_size).expect("4 or 8"),
+        };
+        let bytes = convert::synth::write_gguf(&shape, ft, &args.output, args.seed)
+            .with_context(|| format!("writing {}", args.output.display()))?;
+        if !args.common.quiet {
+            eprintln!(
+                "wrote {} ({}, {}, {:.2} GB) in {:.1} s",
+                args.output.display(),
+                shape.name,
+                ft.name(),
+                bytes as f64 / 1e9,
+                start.elapsed().as_secs_f64()
+            );
+        }
+    } else {
+        convert::synth::write_checkpoint(&shape, &args.output, args.seed, args.shard_gb << 30)
+            .with_context(|| format!("writing {}", args.output.display()))?;
+        if !args.common.quiet {
+            eprintln!(
+                "wrote a bf16 {} checkpoint to {} in {:.1} s",
+                shape.name,
+                args.output.display(),
+                start.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Sizes as people read them: 512 B, 3.2 MB, 27.1 GB (powers of 1000).
+pub fn human_bytes(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} B"),
+        1_000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.2} GB", n as f64 / 1e9),
+    }
+}
