@@ -17,7 +17,6 @@ CPU thread (so that float sums are always taken in the same order).
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -52,7 +51,7 @@ HELDOUT_BOOKS = ["Ruth", "Jonah", "Philippians"]
 TINY_VOCAB = 1024   # tokenizer shared by the random tiny-* checkpoints
 MINI_VOCAB = 2048   # falcon-mini's own tokenizer
 
-# falcon-mini training: a fixed number of steps (about 5 minutes on one core).
+# falcon-mini training: a fixed number of steps (6 to 8 minutes on one core).
 MINI_STEPS = 400
 MINI_BATCH = 8
 MINI_SEQ = 256

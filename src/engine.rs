@@ -498,12 +498,13 @@ impl Model<'_> {
             .collect()
     }
 
-    /// The bytes a token stands for (empty for control tokens such as end-of-text).
+    /// The bytes a token stands for; special tokens (`>>TITLE<<`, ...) as their text, as Hugging
+    /// Face's `decode` without `skip_special_tokens` writes them.
     #[must_use]
     pub fn token_bytes(&self, token: Token) -> Vec<u8> {
         self.model
             .vocab()
-            .token_to_piece(LlamaToken(token), false, None)
+            .token_to_piece(LlamaToken(token), true, None)
     }
 
     /// Whether the token ends generation (end-of-text and the like).

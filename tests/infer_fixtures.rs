@@ -55,14 +55,24 @@ fn infer_f32_greedy_matches_reference_exactly() {
 #[test]
 fn infer_q8_0_greedy_matches_reference_first_8() {
     let tmp = tempfile::tempdir().expect("tempdir");
+    let mut failures = Vec::new();
     for dir in fixtures() {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
         let r = reference(&dir);
         let gguf = tmp.path().join(format!("{name}-q8_0.gguf"));
         quantize(&dir, &gguf, "q8_0");
         let got = completion_ids(&greedy(&gguf, &r.prompt));
-        assert_prefix_agrees(&name, &got, &r.greedy_ids, 8, eos_id(&dir));
+        let eos = eos_id(&dir);
+        let result =
+            std::panic::catch_unwind(|| assert_prefix_agrees(&name, &got, &r.greedy_ids, 8, eos));
+        if result.is_err() {
+            failures.push(name);
+        }
     }
+    assert!(
+        failures.is_empty(),
+        "q8_0 diverges within 8 tokens on: {failures:?}"
+    );
 }
 
 #[test]

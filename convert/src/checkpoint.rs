@@ -188,6 +188,16 @@ impl Checkpoint {
             .sum()
     }
 
+    /// Asks the kernel to start reading a tensor's bytes now, so that reading overlaps the
+    /// conversion of the tensor before it.
+    pub fn prefetch(&self, t: &SourceTensor) {
+        let _ = self.shards[t.shard].1.advise_range(
+            memmap2::Advice::WillNeed,
+            t.start,
+            t.end - t.start,
+        );
+    }
+
     /// Drops the pages of `range` (bytes within tensor `t`) from this process's resident set once
     /// they have been consumed, so that peak memory stays bounded by the work in flight rather
     /// than by the model. Only whole pages inside the range are released.

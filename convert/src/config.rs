@@ -143,7 +143,9 @@ impl FalconConfig {
                 return Err(unsupported(format!("RoPE type '{kind}' is not supported: llama.cpp's falcon architecture uses plain RoPE")));
             }
         }
-        let theta = obj.get("rope_theta").or_else(|| rope.and_then(|r| r.get("rope_theta")));
+        let theta = obj
+            .get("rope_theta")
+            .or_else(|| rope.and_then(|r| r.get("rope_theta")));
         if let Some(theta) = theta.and_then(Json::as_f64) {
             if theta != 10000.0 {
                 return Err(unsupported(format!("a RoPE base of {theta} is not supported: llama.cpp's falcon architecture uses 10000")));
@@ -283,10 +285,16 @@ mod tests {
         assert!(FalconConfig::from_json(&base).is_ok());
         let mut j = base.clone();
         j["rope_parameters"]["rope_theta"] = json!(1e6);
-        assert!(FalconConfig::from_json(&j).unwrap_err().to_string().contains("RoPE base"));
+        assert!(FalconConfig::from_json(&j)
+            .unwrap_err()
+            .to_string()
+            .contains("RoPE base"));
         let mut j = base;
         j["rope_parameters"]["rope_type"] = json!("linear");
-        assert!(FalconConfig::from_json(&j).unwrap_err().to_string().contains("linear"));
+        assert!(FalconConfig::from_json(&j)
+            .unwrap_err()
+            .to_string()
+            .contains("linear"));
     }
 
     #[test]

@@ -229,7 +229,12 @@ pub fn quantize_checkpoint(
         path: out.to_path_buf(),
         file_type: prepared.file_type,
         bytes,
-        tensor_bytes: prepared.plan.tensors.iter().map(PlannedTensor::n_bytes).sum(),
+        tensor_bytes: prepared
+            .plan
+            .tensors
+            .iter()
+            .map(PlannedTensor::n_bytes)
+            .sum(),
         n_tensors: prepared.plan.tensors.len(),
         n_params: prepared
             .plan
@@ -311,11 +316,19 @@ fn write_file(p: &Prepared, out: &Path, opts: &Options) -> Result<u64, ConvertEr
     });
 
     let produce = || -> Result<(), ConvertError> {
-        for (t, planned) in p.tensors.iter().zip(&p.plan.tensors) {
-            let src = p
-                .checkpoint
+        let source = |t: &OutputTensor| {
+            p.checkpoint
                 .get(&t.source)
-                .expect("planned from the checkpoint");
+                .expect("planned from the checkpoint")
+        };
+        if let Some(first) = p.tensors.first() {
+            p.checkpoint.prefetch(source(first));
+        }
+        for (i, (t, planned)) in p.tensors.iter().zip(&p.plan.tensors).enumerate() {
+            let src = source(t);
+            if let Some(next) = p.tensors.get(i + 1) {
+                p.checkpoint.prefetch(source(next));
+            }
             let bytes = p.checkpoint.bytes(src);
             let row_len = t.row_len() as usize;
             let n_rows = t.n_rows() as usize;

@@ -15,6 +15,11 @@ use crate::error::ConvertError;
 use crate::gguf::{keys, GgufPlan, GgufWriter, PlannedTensor, Value};
 use crate::rules::{choose, FileType, TensorCtx};
 use crate::shapes::FalconShape;
+use crate::vocab::Vocab;
+
+/// The real Falcon tokenizer (65,024 tokens), so that synthetic models tokenize text as Falcon
+/// does and every tool that inspects tokenizers accepts them.
+const FALCON_TOKENIZER: &str = include_str!("../../models/falcon-tokenizer/tokenizer.json");
 
 /// Rows of random values: LayerNorm weights near 1, biases near 0, matrices N(0, 0.02).
 fn fill(name: &str, seed: u64, row0: usize, row_len: usize, out: &mut [f32]) {
@@ -82,16 +87,10 @@ pub fn write_gguf(
         keys::TENSOR_DATA_LAYOUT,
         Value::String(keys::TENSOR_DATA_LAYOUT_REGROUPED.into()),
     );
-    let (tokens, merges) = byte_level_vocab(c.vocab_size as usize);
-    let mut types = vec![1i32; tokens.len()];
-    types[11] = 3;
-    plan.set(keys::TOKENIZER_MODEL, Value::String("gpt2".into()));
-    plan.set(keys::TOKENIZER_PRE, Value::String("falcon".into()));
-    plan.set(keys::TOKENIZER_TOKENS, Value::strings(tokens));
-    plan.set(keys::TOKENIZER_TOKEN_TYPE, Value::i32s(types));
-    plan.set(keys::TOKENIZER_MERGES, Value::strings(merges));
-    plan.set(keys::TOKENIZER_BOS_ID, Value::U32(11));
-    plan.set(keys::TOKENIZER_EOS_ID, Value::U32(11));
+    let tok_dir = tempfile::tempdir().map_err(|e| ConvertError::write(out, e))?;
+    std::fs::write(tok_dir.path().join("tokenizer.json"), FALCON_TOKENIZER)
+        .map_err(|e| ConvertError::write(out, e))?;
+    Vocab::from_dir(tok_dir.path(), c)?.add_to(&mut plan);
 
     let tensors = shape.tensors();
     let tied = c.tie_word_embeddings;
@@ -150,43 +149,6 @@ pub fn write_gguf(
     tmp.persist(out)
         .map_err(|e| ConvertError::write(out, e.error))?;
     Ok(len)
-}
-
-/// A byte-level vocabulary of `n` tokens: the 256 byte symbols, then filler tokens, no merges.
-fn byte_level_vocab(n: usize) -> (Vec<String>, Vec<String>) {
-    let mut tokens: Vec<String> = (0..12).map(|i| format!("<|special{i}|>")).collect();
-    tokens[11] = "<|endoftext|>".into();
-    tokens.extend(byte_symbols());
-    let mut i = 0;
-    while tokens.len() < n {
-        tokens.push(format!("[synthetic{i}]"));
-        i += 1;
-    }
-    tokens.truncate(n);
-    (tokens, Vec::new())
-}
-
-/// GPT-2's printable stand-ins for the 256 byte values.
-fn byte_symbols() -> Vec<String> {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut all = printable.clone();
-    let mut extra = 0;
-    for b in 0..256u32 {
-        if !printable.contains(&b) {
-            printable.push(b);
-            all.push(256 + extra);
-            extra += 1;
-        }
-    }
-    let mut pairs: Vec<(u32, u32)> = printable.into_iter().zip(all).collect();
-    pairs.sort();
-    pairs
-        .into_iter()
-        .map(|(_, c)| char::from_u32(c).expect("valid").to_string())
-        .collect()
 }
 
 struct LazyTensor {
@@ -256,25 +218,7 @@ pub fn write_checkpoint(
         "config.json",
         serde_json::to_string_pretty(&config).expect("json"),
     )?;
-    let (tokens, _) = byte_level_vocab(c.vocab_size as usize);
-    let vocab: serde_json::Map<String, serde_json::Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), i.into()))
-        .collect();
-    let tokenizer = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": (0..12).map(|i| serde_json::json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})).collect::<Vec<_>>(),
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": []}
-    });
-    write(
-        "tokenizer.json",
-        serde_json::to_string(&tokenizer).expect("json"),
-    )?;
+    write("tokenizer.json", FALCON_TOKENIZER.to_string())?;
 
     let hf = |n: &str| -> Vec<(String, Vec<usize>)> {
         let (h, ff, v, qkv) = (

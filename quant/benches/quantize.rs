@@ -1,7 +1,7 @@
 //! Throughput of `quant::quantize` against ggml's `ggml_quantize_chunk` on the same data in
 //! the same run, in GB/s of f32 input, single-threaded and with every core.
 //!
-//! Run with `cargo bench -p quant`. Ours single-threaded runs in a one-thread rayon pool;
+//! Run with `cargo bench -p quant` (`QUANT_BENCH=f16,q4_K cargo bench -p quant` for some types). Ours single-threaded runs in a one-thread rayon pool;
 //! ggml on all cores gets one contiguous slice of rows per thread.
 
 use std::time::{Duration, Instant};
@@ -10,7 +10,9 @@ use llama_cpp_sys_2::{ggml_quantize_chunk, ggml_type};
 use quant::{quantize, QuantType};
 
 const ROW_LEN: usize = 4096;
-const ROWS: usize = 1024;
+/// 64 MiB of input: more than the last-level cache of the machines measured, so the figures
+/// include memory traffic as converting a real model does.
+const ROWS: usize = 4096;
 
 /// Best of several runs of `f`, each run at least once and for at least `budget` in total.
 fn best_time(budget: Duration, mut f: impl FnMut()) -> Duration {
@@ -79,7 +81,10 @@ fn main() {
         "| type | ggml 1T GB/s | ours 1T GB/s | ours/ggml 1T | ggml {threads}T GB/s | ours {threads}T GB/s | ours {threads}T / ggml 1T |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|");
-    for ty in QuantType::ALL {
+    // QUANT_BENCH=q8_0,q4_K limits the run to those types.
+    let only = std::env::var("QUANT_BENCH").unwrap_or_default();
+    let wanted = |ty: QuantType| only.is_empty() || only.split(',').any(|n| n == ty.name());
+    for ty in QuantType::ALL.into_iter().filter(|&ty| wanted(ty)) {
         let mut ours = vec![0u8; ROWS * ty.row_bytes(ROW_LEN).expect("whole blocks")];
         let mut theirs = ours.clone();
 

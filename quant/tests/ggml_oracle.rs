@@ -113,11 +113,8 @@ fn facts_match_ggml_type_traits() {
         assert_eq!(traits.type_size, ty.type_size(), "{ty}");
         let n = 256 * 7;
         // SAFETY: a pure function of its arguments.
-        assert_eq!(
-            unsafe { ggml_row_size(id, n as i64) },
-            ty.row_bytes(n).unwrap(),
-            "{ty}"
-        );
+        let row_size = unsafe { ggml_row_size(id, n as i64) };
+        assert_eq!(row_size, ty.row_bytes(n).unwrap(), "{ty}");
     }
 }
 
@@ -268,5 +265,52 @@ fn every_half_converts_like_ggml() {
         let finite: Vec<f32> = want.iter().copied().filter(|v| v.is_finite()).collect();
         let n = finite.len() / 32 * 32;
         check(ty, &finite[..n], 32, "every finite half");
+    }
+}
+
+#[test]
+fn sub_blocks_whose_scale_rounds_to_zero() {
+    // One loud sub-block beside quiet ones: the quiet sub-blocks' 6-bit (or 8-bit) scales
+    // round to zero and keep their first-pass levels.
+    let mut rng = StdRng::seed_from_u64(7);
+    for ty in QuantType::ALL {
+        let mut x = random_rows(&mut rng, 256 * 16, 1e-4);
+        for (b, block) in x.chunks_mut(256).enumerate() {
+            let loud = 16 * (b % 16);
+            for v in &mut block[loud..loud + 16] {
+                *v *= 1e5;
+            }
+            if b % 3 == 0 {
+                block[200..232].fill(0.0); // and an all-zero sub-block
+            }
+        }
+        check(ty, &x, 256 * 4, "quiet sub-blocks");
+    }
+}
+
+#[test]
+fn weight_like_distributions_at_volume() {
+    // Heavy-tailed, sparse, one-signed and uniform rows, many super-blocks each.
+    let mut rng = StdRng::seed_from_u64(8);
+    let n = 256 * 2048;
+    let normal = random_rows(&mut rng, n, 0.02);
+    let heavy: Vec<f32> = normal.iter().map(|v| v * v * v * 2500.0).collect();
+    let sparse: Vec<f32> = normal
+        .iter()
+        .enumerate()
+        .map(|(i, v)| if i % 5 == 0 { *v } else { 0.0 })
+        .collect();
+    let positive: Vec<f32> = normal.iter().map(|v| v.abs() + 0.001).collect();
+    let uniform: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    for ty in QuantType::ALL {
+        for (what, x) in [
+            ("normal", &normal),
+            ("heavy-tailed", &heavy),
+            ("sparse", &sparse),
+            ("positive", &positive),
+            ("uniform", &uniform),
+        ] {
+            check(ty, x, 4096, what);
+        }
     }
 }

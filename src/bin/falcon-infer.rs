@@ -164,7 +164,8 @@ struct PlanArgs {
     /// Tokens per batch (sizes the compute buffers).
     #[arg(short, long, default_value_t = 512)]
     batch_size: u32,
-    /// Free memory of each GPU, e.g. `24GiB,24GiB` (default: the GPUs found, if any).
+    /// Free memory of each GPU, e.g. `24GiB,24GiB`, or `none` to plan for the CPU alone
+    /// (default: the GPUs found, if any).
     #[arg(long, value_name = "SIZE,...", value_delimiter = ',')]
     vram: Option<Vec<String>>,
     /// Layers on GPUs: a number, `auto` or `all`.
@@ -263,10 +264,14 @@ fn load_options(d: &DeviceArgs) -> anyhow::Result<LoadOptions> {
 }
 
 fn sampling(s: &SamplingArgs) -> anyhow::Result<SamplingParams> {
-    if !(s.temp >= 0.0) || !(0.0..=1.0).contains(&s.top_p) || !(0.0..=1.0).contains(&s.min_p) {
+    if s.temp.is_nan()
+        || s.temp < 0.0
+        || !(0.0..=1.0).contains(&s.top_p)
+        || !(0.0..=1.0).contains(&s.min_p)
+    {
         bail!("--temp must be >= 0, --top-p and --min-p within 0..=1");
     }
-    if !(s.repeat_penalty > 0.0) {
+    if s.repeat_penalty.is_nan() || s.repeat_penalty <= 0.0 {
         bail!("--repeat-penalty must be positive (1 = off)");
     }
     Ok(SamplingParams {
@@ -368,10 +373,15 @@ fn command(cli: Cli) -> anyhow::Result<Command> {
             bits: Bits::from_u32(p.bits)?,
             n_ctx: p.ctx_size,
             n_batch: p.batch_size,
-            vram: p
-                .vram
-                .map(|v| v.iter().map(|s| parse_size(s)).collect())
-                .transpose()?,
+            vram: match p.vram {
+                Some(v) if v.len() == 1 && v[0] == "none" => Some(Vec::new()),
+                Some(v) => Some(
+                    v.iter()
+                        .map(|s| parse_size(s))
+                        .collect::<anyhow::Result<_>>()?,
+                ),
+                None => None,
+            },
             gpu_layers: gpu_layers(&p.gpu_layers)?,
             json: p.json,
         }),

@@ -71,6 +71,9 @@ const OTHER_TYPES: &[(u32, &str, u64, u64)] = &[
     (34, "tq1_0", 256, 54),
     (35, "tq2_0", 256, 66),
     (39, "mxfp4", 32, 17),
+    (40, "nvfp4", 64, 36),
+    (41, "q1_0", 128, 18),
+    (42, "q2_0", 64, 18),
 ];
 
 impl GgmlTypeInfo {
@@ -359,8 +362,10 @@ impl GgufReader {
             });
         }
 
+        // Writers pad the header even when no tensor follows, so a file that ends inside the
+        // padding was cut short.
         let data_offset = align_up(c.pos, alignment);
-        if data_offset > len && n_tensors > 0 {
+        if data_offset > len {
             return Err(GgufError::Truncated {
                 path: path.into(),
                 what: "the tensor data".into(),

@@ -17,6 +17,11 @@ pub(crate) struct BlockQ4_0 {
     pub qs: [u8; QK4_0 / 2],
 }
 
+const _: () = assert!(
+    std::mem::size_of::<BlockQ4_0>() == 18,
+    "ggml's sizeof(block_q4_0)"
+);
+
 // SAFETY: repr(C) byte arrays only; size 18 checked by Block::LAYOUT_OK.
 unsafe impl Block for BlockQ4_0 {
     const TYPE: QuantType = QuantType::Q4_0;

@@ -19,6 +19,11 @@ pub(crate) struct BlockQ4_1 {
     pub qs: [u8; QK4_1 / 2],
 }
 
+const _: () = assert!(
+    std::mem::size_of::<BlockQ4_1>() == 20,
+    "ggml's sizeof(block_q4_1)"
+);
+
 // SAFETY: repr(C) byte arrays only; size 20 checked by Block::LAYOUT_OK.
 unsafe impl Block for BlockQ4_1 {
     const TYPE: QuantType = QuantType::Q4_1;

@@ -22,6 +22,11 @@ pub(crate) struct BlockQ4K {
     pub qs: [u8; QK_K / 2],
 }
 
+const _: () = assert!(
+    std::mem::size_of::<BlockQ4K>() == 144,
+    "ggml's sizeof(block_q4_K)"
+);
+
 // SAFETY: repr(C) byte arrays only; size 144 checked by Block::LAYOUT_OK.
 unsafe impl Block for BlockQ4K {
     const TYPE: QuantType = QuantType::Q4_K;

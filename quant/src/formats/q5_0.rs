@@ -19,6 +19,11 @@ pub(crate) struct BlockQ5_0 {
     pub qs: [u8; QK5_0 / 2],
 }
 
+const _: () = assert!(
+    std::mem::size_of::<BlockQ5_0>() == 22,
+    "ggml's sizeof(block_q5_0)"
+);
+
 // SAFETY: repr(C) byte arrays only; size 22 checked by Block::LAYOUT_OK.
 unsafe impl Block for BlockQ5_0 {
     const TYPE: QuantType = QuantType::Q5_0;

@@ -21,6 +21,11 @@ pub(crate) struct BlockQ5_1 {
     pub qs: [u8; QK5_1 / 2],
 }
 
+const _: () = assert!(
+    std::mem::size_of::<BlockQ5_1>() == 24,
+    "ggml's sizeof(block_q5_1)"
+);
+
 // SAFETY: repr(C) byte arrays only; size 24 checked by Block::LAYOUT_OK.
 unsafe impl Block for BlockQ5_1 {
     const TYPE: QuantType = QuantType::Q5_1;

@@ -24,6 +24,11 @@ pub(crate) struct BlockQ5K {
     pub qs: [u8; QK_K / 2],
 }
 
+const _: () = assert!(
+    std::mem::size_of::<BlockQ5K>() == 176,
+    "ggml's sizeof(block_q5_K)"
+);
+
 // SAFETY: repr(C) byte arrays only; size 176 checked by Block::LAYOUT_OK.
 unsafe impl Block for BlockQ5K {
     const TYPE: QuantType = QuantType::Q5_K;

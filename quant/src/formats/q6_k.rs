@@ -22,6 +22,11 @@ pub(crate) struct BlockQ6K {
     pub d: [u8; 2],
 }
 
+const _: () = assert!(
+    std::mem::size_of::<BlockQ6K>() == 210,
+    "ggml's sizeof(block_q6_K)"
+);
+
 // SAFETY: repr(C) byte arrays only; size 210 checked by Block::LAYOUT_OK.
 unsafe impl Block for BlockQ6K {
     const TYPE: QuantType = QuantType::Q6_K;

@@ -17,6 +17,11 @@ pub(crate) struct BlockQ8_0 {
     pub qs: [i8; QK8_0],
 }
 
+const _: () = assert!(
+    std::mem::size_of::<BlockQ8_0>() == 34,
+    "ggml's sizeof(block_q8_0)"
+);
+
 // SAFETY: repr(C) byte arrays only; size 34 checked by Block::LAYOUT_OK.
 unsafe impl Block for BlockQ8_0 {
     const TYPE: QuantType = QuantType::Q8_0;
