@@ -173,7 +173,7 @@ fn infer_plan_checkpoint_gguf_and_unknown() {
         gguf.to_str().unwrap(),
         "--json",
         "--vram",
-        "",
+        "none",
     ]));
     let from_dir = json(&infer(&[
         "plan",
@@ -183,7 +183,7 @@ fn infer_plan_checkpoint_gguf_and_unknown() {
         "8",
         "--json",
         "--vram",
-        "",
+        "none",
     ]));
     let w = |d: &serde_json::Value| d["devices"][0]["weights"].as_u64().unwrap();
     assert_eq!(

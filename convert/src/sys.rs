@@ -15,5 +15,7 @@ pub fn free_space(dir: &Path) -> Option<u64> {
     }
     // SAFETY: statvfs returned 0, so the struct is initialized.
     let st = unsafe { st.assume_init() };
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
+    // The field types are u32 on some 32-bit targets: widen portably.
+    #[allow(clippy::useless_conversion)]
+    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
 }

@@ -1,8 +1,9 @@
 //! Throughput of `quant::quantize` against ggml's `ggml_quantize_chunk` on the same data in
 //! the same run, in GB/s of f32 input, single-threaded and with every core.
 //!
-//! Run with `cargo bench -p quant` (`QUANT_BENCH=f16,q4_K cargo bench -p quant` for some types). Ours single-threaded runs in a one-thread rayon pool;
-//! ggml on all cores gets one contiguous slice of rows per thread.
+//! Run with `cargo bench -p quant`; `QUANT_BENCH=f16,q4_K cargo bench -p quant` measures only
+//! those types. Ours single-threaded runs in a one-thread rayon pool; ggml on all cores gets
+//! one contiguous slice of rows per thread.
 
 use std::time::{Duration, Instant};
 
@@ -13,21 +14,6 @@ const ROW_LEN: usize = 4096;
 /// 64 MiB of input: more than the last-level cache of the machines measured, so the figures
 /// include memory traffic as converting a real model does.
 const ROWS: usize = 4096;
-
-/// Best of several runs of `f`, each run at least once and for at least `budget` in total.
-fn best_time(budget: Duration, mut f: impl FnMut()) -> Duration {
-    f(); // warm up: page in buffers, spin up threads
-    let start = Instant::now();
-    let mut best = Duration::MAX;
-    let mut runs = 0;
-    while runs < 3 || start.elapsed() < budget {
-        let t = Instant::now();
-        f();
-        best = best.min(t.elapsed());
-        runs += 1;
-    }
-    best
-}
 
 /// ggml quantizing the rows of `src` into `dst`.
 fn ggml_rows(ty: QuantType, src: &[f32], dst: &mut [u8]) {
@@ -71,7 +57,7 @@ fn main() {
         })
         .collect();
     let gb = (src.len() * 4) as f64 / 1e9;
-    let budget = Duration::from_millis(400);
+    let budget = Duration::from_secs(3);
 
     println!(
         "quantizing {ROWS} rows × {ROW_LEN} f32 ({:.0} MiB), {threads} threads",
@@ -88,24 +74,37 @@ fn main() {
         let mut ours = vec![0u8; ROWS * ty.row_bytes(ROW_LEN).expect("whole blocks")];
         let mut theirs = ours.clone();
 
-        let ggml_1 = best_time(budget, || ggml_rows(ty, &src, &mut theirs));
-        let ours_1 = best_time(budget, || {
-            one.install(|| quantize(ty, &src, ROW_LEN, &mut ours))
-                .expect("finite input")
-        });
+        // The four measurements take turns, so that load from elsewhere on the machine falls
+        // on all of them alike; each keeps its best time.
         let per = ROWS.div_ceil(threads);
         let chunk_bytes = theirs.len() / ROWS * per;
-        let ggml_n = best_time(budget, || {
-            std::thread::scope(|scope| {
-                let dsts = theirs.chunks_mut(chunk_bytes);
-                for (x, y) in src.chunks(ROW_LEN * per).zip(dsts) {
-                    scope.spawn(move || ggml_rows(ty, x, y));
+        let mut best = [Duration::MAX; 4];
+        let start = Instant::now();
+        let mut rounds = 0;
+        while rounds < 4 || start.elapsed() < budget {
+            for (k, best) in best.iter_mut().enumerate() {
+                let t = Instant::now();
+                match k {
+                    0 => ggml_rows(ty, &src, &mut theirs),
+                    1 => one
+                        .install(|| quantize(ty, &src, ROW_LEN, &mut ours))
+                        .expect("finite"),
+                    2 => std::thread::scope(|scope| {
+                        let dsts = theirs.chunks_mut(chunk_bytes);
+                        for (x, y) in src.chunks(ROW_LEN * per).zip(dsts) {
+                            scope.spawn(move || ggml_rows(ty, x, y));
+                        }
+                    }),
+                    _ => quantize(ty, &src, ROW_LEN, &mut ours).expect("finite input"),
                 }
-            });
-        });
-        let ours_n = best_time(budget, || {
-            quantize(ty, &src, ROW_LEN, &mut ours).expect("finite")
-        });
+                // The first round only warms up: pages the buffers in, starts the threads.
+                if rounds > 0 {
+                    *best = (*best).min(t.elapsed());
+                }
+            }
+            rounds += 1;
+        }
+        let [ggml_1, ours_1, ggml_n, ours_n] = best;
         assert!(ours == theirs, "{ty}: bytes differ from ggml");
 
         let rate = |t: Duration| gb / t.as_secs_f64();

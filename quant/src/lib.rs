@@ -102,19 +102,11 @@ pub fn quantize(
         .par_chunks(CHUNK)
         .zip(dst.par_chunks_mut(chunk_bytes))
         .try_for_each(|(x, y)| {
-            if ty == QuantType::F32 {
-                // A copy: check while copying rather than reading the input twice.
-                return if numeric::copy_f32_checked(x, y) {
-                    Ok(())
-                } else {
-                    Err(())
-                };
+            if formats::quantize_fast(ty, x, y) {
+                Ok(())
+            } else {
+                Err(())
             }
-            if !numeric::all_finite(x) {
-                return Err(());
-            }
-            formats::quantize_fast(ty, x, y);
-            Ok(())
         });
     // Some task met a NaN or infinity; find the first one in the whole input.
     result.or_else(|()| non_finite(src, row_len))

@@ -427,7 +427,7 @@ fn main() -> ExitCode {
     match command(cli).and_then(|c| infer::run(&c)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("falcon-infer: error: {}", falcon::error_chain(&e));
             ExitCode::FAILURE
         }
     }

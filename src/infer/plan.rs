@@ -441,7 +441,7 @@ mod tests {
             &m,
             2048,
             512,
-            &[16_000_000_000, 16_000_000_000],
+            &[10_000_000_000, 10_000_000_000],
             GpuLayers::Auto,
         );
         assert!(p.gpu_layers > 0 && p.gpu_layers < m.n_layer + 1);

@@ -1,6 +1,7 @@
 //! A GGUF reader that trusts nothing: every count, string length, type id, dimension, offset
 //! and size is checked against the file length before it is used.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -287,6 +288,8 @@ impl GgufReader {
         }
 
         let mut kvs: Vec<(String, Value)> = Vec::with_capacity(n_kv as usize);
+        // Sets, not scans of what was read: a hostile file may hold millions of keys or tensors.
+        let mut seen_keys = HashSet::new();
         for i in 0..n_kv {
             let key = c.string(&|| format!("the key of metadata pair {i}"))?;
             let what = || format!("metadata value '{key}'");
@@ -295,7 +298,7 @@ impl GgufReader {
                 c.invalid(format!("metadata '{key}' has an unknown type id {ty_id}"))
             })?;
             let value = c.value(ty, 0, &what)?;
-            if kvs.iter().any(|(k, _)| *k == key) {
+            if !seen_keys.insert(key.clone()) {
                 return Err(c.invalid(format!("metadata key '{key}' appears twice")));
             }
             kvs.push((key, value));
@@ -312,6 +315,7 @@ impl GgufReader {
         };
 
         let mut raw = Vec::with_capacity(n_tensors as usize);
+        let mut seen_names = HashSet::new();
         for i in 0..n_tensors {
             let name = c.string(&|| format!("the name of tensor {i}"))?;
             let what = || format!("the info of tensor '{name}'");
@@ -350,7 +354,7 @@ impl GgufReader {
                     "tensor '{name}' starts at offset {offset}, not a multiple of {alignment}"
                 )));
             }
-            if raw.iter().any(|t: &TensorInfo| t.name == name) {
+            if !seen_names.insert(name.clone()) {
                 return Err(c.invalid(format!("tensor '{name}' appears twice")));
             }
             raw.push(TensorInfo {
@@ -362,10 +366,8 @@ impl GgufReader {
             });
         }
 
-        // Writers pad the header even when no tensor follows, so a file that ends inside the
-        // padding was cut short.
         let data_offset = align_up(c.pos, alignment);
-        if data_offset > len {
+        if data_offset > len && n_tensors > 0 {
             return Err(GgufError::Truncated {
                 path: path.into(),
                 what: "the tensor data".into(),

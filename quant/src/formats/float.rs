@@ -2,7 +2,7 @@
 //! `ggml_fp32_to_fp16_row` for F16 and `ggml_fp32_to_bf16_row_ref` for BF16; and back as
 //! `ggml_fp16_to_fp32_row` / `ggml_bf16_to_fp32_row`.
 
-use crate::numeric::{bf16_to_fp32, fp16_to_fp32, fp32_to_bf16, fp32_to_fp16};
+use crate::numeric::{all_finite, bf16_to_fp32, fp16_to_fp32, fp32_to_bf16, fp32_to_fp16};
 
 pub(crate) fn quantize_f32(src: &[f32], dst: &mut [u8]) {
     assert_eq!(dst.len(), src.len() * 4);
@@ -34,16 +34,17 @@ pub(crate) fn quantize_f16_ref(src: &[f32], dst: &mut [u8]) {
     }
 }
 
-/// F16 with the F16C conversion instruction where the CPU has it. For finite input (all that
-/// reaches here) its round-to-nearest-even equals ggml's software conversion.
-pub(crate) fn quantize_f16_fast(src: &[f32], dst: &mut [u8]) {
+/// F16 with the F16C conversion instruction where the CPU has it, checking for NaN and
+/// infinity in the same pass; `false` (with `dst` unspecified) when there was one. For finite
+/// input the instruction's round-to-nearest-even equals ggml's software conversion.
+pub(crate) fn quantize_f16_checked(src: &[f32], dst: &mut [u8]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx") && is_x86_feature_detected!("f16c") {
-        // SAFETY: the CPU supports AVX and F16C, checked just above.
-        unsafe { x86::quantize_f16(src, dst) };
-        return;
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU supports AVX2 and F16C, checked just above.
+        return unsafe { x86::quantize_f16(src, dst) };
     }
     quantize_f16_ref(src, dst);
+    all_finite(src)
 }
 
 pub(crate) fn dequantize_f16(src: &[u8], dst: &mut [f32]) {
@@ -61,33 +62,37 @@ pub(crate) fn quantize_bf16(src: &[f32], dst: &mut [u8]) {
     }
 }
 
-/// BF16 for input without NaN (all that reaches the fast paths): ggml's rounding without its
-/// NaN branch, a loop the compiler vectorizes, compiled for AVX2 too and picked at run time.
-pub(crate) fn quantize_bf16_fast(src: &[f32], dst: &mut [u8]) {
+/// BF16 checking for NaN and infinity in the same pass; `false` (with `dst` unspecified)
+/// when there was one. Without NaN, ggml's rounding needs no branch, and the loop vectorizes;
+/// it is compiled for AVX2 too and picked at run time.
+pub(crate) fn quantize_bf16_checked(src: &[f32], dst: &mut [u8]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
         return unsafe { quantize_bf16_avx2(src, dst) };
     }
-    quantize_bf16_no_nan(src, dst);
+    quantize_bf16_no_nan(src, dst)
 }
 
 /// # Safety
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_bf16_avx2(src: &[f32], dst: &mut [u8]) {
-    quantize_bf16_no_nan(src, dst);
+unsafe fn quantize_bf16_avx2(src: &[f32], dst: &mut [u8]) -> bool {
+    quantize_bf16_no_nan(src, dst)
 }
 
 #[inline(always)]
-fn quantize_bf16_no_nan(src: &[f32], dst: &mut [u8]) {
+fn quantize_bf16_no_nan(src: &[f32], dst: &mut [u8]) -> bool {
     assert_eq!(dst.len(), src.len() * 2);
+    let mut bad = 0u32;
     for (x, y) in src.iter().zip(dst.chunks_exact_mut(2)) {
         let u = x.to_bits();
+        bad |= u32::from(u & 0x7f80_0000 == 0x7f80_0000);
         let h = (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16;
         y.copy_from_slice(&h.to_le_bytes());
     }
+    bad == 0
 }
 
 pub(crate) fn dequantize_bf16(src: &[u8], dst: &mut [f32]) {
@@ -101,21 +106,33 @@ pub(crate) fn dequantize_bf16(src: &[u8], dst: &mut [f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
+    use crate::numeric::all_finite;
+
     /// # Safety
-    /// The CPU must support AVX and F16C.
-    #[target_feature(enable = "avx,f16c")]
-    pub(super) unsafe fn quantize_f16(src: &[f32], dst: &mut [u8]) {
+    /// The CPU must support AVX2 and F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn quantize_f16(src: &[f32], dst: &mut [u8]) -> bool {
         assert_eq!(dst.len(), src.len() * 2);
         let whole = src.len() / 8 * 8;
+        // SAFETY: register-only intrinsics; AVX2 is enabled.
+        #[allow(unused_unsafe)]
+        let (exponent, mut bad) =
+            unsafe { (_mm256_set1_epi32(0x7f80_0000), _mm256_setzero_si256()) };
         for (x, y) in src[..whole].chunks_exact(8).zip(dst.chunks_exact_mut(16)) {
             // SAFETY: `x` holds 8 f32 and `y` 16 bytes; unaligned loads and stores are used.
             unsafe {
                 let v = _mm256_loadu_ps(x.as_ptr());
+                let e = _mm256_and_si256(_mm256_castps_si256(v), exponent);
+                bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(e, exponent));
                 let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
                 _mm_storeu_si128(y.as_mut_ptr().cast(), h);
             }
         }
         super::quantize_f16_ref(&src[whole..], &mut dst[whole * 2..]);
+        // SAFETY: register-only intrinsic; AVX is enabled.
+        #[allow(unused_unsafe)]
+        let body_ok = unsafe { _mm256_testz_si256(bad, bad) == 1 };
+        body_ok && all_finite(&src[whole..])
     }
 }
 
@@ -125,7 +142,7 @@ mod tests {
     use crate::formats::testing::values;
 
     #[test]
-    fn f16_fast_equals_reference_including_subnormals_and_ties() {
+    fn f16_fast_equals_reference_and_flags_non_finite() {
         let mut x = values(1003, 70000.0, 1);
         x.extend(values(500, 1e-6, 2));
         x.extend([
@@ -136,23 +153,27 @@ mod tests {
         ]);
         let (mut a, mut b) = (vec![0u8; x.len() * 2], vec![0u8; x.len() * 2]);
         quantize_f16_ref(&x, &mut a);
-        quantize_f16_fast(&x, &mut b);
+        assert!(quantize_f16_checked(&x, &mut b));
         assert_eq!(a, b);
+        x[1001] = f32::NAN;
+        assert!(!quantize_f16_checked(&x, &mut b));
     }
 
     #[test]
-    fn bf16_fast_equals_reference_without_nan() {
+    fn bf16_fast_equals_reference_and_flags_non_finite() {
         let mut x = values(3001, 3e38, 4);
         x.extend(values(100, 1e-39, 5));
         x.extend([
-            f32::INFINITY,
+            f32::MAX,
             f32::from_bits(0x3F80_8000),
             f32::from_bits(0x3F81_8000),
         ]);
         let (mut a, mut b) = (vec![0u8; x.len() * 2], vec![0u8; x.len() * 2]);
         quantize_bf16(&x, &mut a);
-        quantize_bf16_fast(&x, &mut b);
+        assert!(quantize_bf16_checked(&x, &mut b));
         assert_eq!(a, b);
+        x[7] = f32::NEG_INFINITY;
+        assert!(!quantize_bf16_checked(&x, &mut b));
     }
 
     #[test]

@@ -99,12 +99,22 @@ pub(crate) fn quantize_ref(ty: QuantType, src: &[f32], dst: &mut [u8]) {
     }
 }
 
-/// Fastest available quantization of `src` (whole blocks) into `dst`, single-threaded;
-/// byte-identical with [`quantize_ref`] for finite input (the only input it is given).
-pub(crate) fn quantize_fast(ty: QuantType, src: &[f32], dst: &mut [u8]) {
+/// Fastest available quantization of `src` (whole blocks) into `dst`, single-threaded, with
+/// the check for NaN and infinity. Returns `false`, leaving `dst` unspecified, when `src` holds
+/// one; otherwise the bytes are those of [`quantize_ref`]. The float types check while
+/// converting, in one pass over memory; the block formats check first, then work on the input
+/// from cache.
+pub(crate) fn quantize_fast(ty: QuantType, src: &[f32], dst: &mut [u8]) -> bool {
     match ty {
-        QuantType::F16 => float::quantize_f16_fast(src, dst),
-        QuantType::BF16 => float::quantize_bf16_fast(src, dst),
+        QuantType::F32 => return crate::numeric::copy_f32_checked(src, dst),
+        QuantType::F16 => return float::quantize_f16_checked(src, dst),
+        QuantType::BF16 => return float::quantize_bf16_checked(src, dst),
+        _ => {}
+    }
+    if !crate::numeric::all_finite(src) {
+        return false;
+    }
+    match ty {
         QuantType::Q4_0 => q4_0::quantize_fast(src, dst),
         QuantType::Q4_1 => q4_1::quantize_fast(src, dst),
         QuantType::Q5_0 => q5_0::quantize_fast(src, dst),
@@ -113,8 +123,9 @@ pub(crate) fn quantize_fast(ty: QuantType, src: &[f32], dst: &mut [u8]) {
         QuantType::Q4_K => q4_k::quantize_fast(src, dst),
         QuantType::Q5_K => q5_k::quantize_fast(src, dst),
         QuantType::Q6_K => q6_k::quantize_fast(src, dst),
-        _ => quantize_ref(ty, src, dst),
+        QuantType::F32 | QuantType::F16 | QuantType::BF16 => unreachable!("handled above"),
     }
+    true
 }
 
 /// Dequantization of `src` (whole blocks) into `dst`, as ggml's `to_float`.
@@ -186,6 +197,7 @@ mod tests {
         x.extend(mixed_zeros.iter().map(|v| -v)); // max is a zero of either sign
         x.extend(values(256, 1e-39, 3));
         x.extend(values(256, 3e38, 4)); // max − min overflows
+        x.extend(values(256, 1.0, 6).iter().map(|v| v * 65504.0)); // f16 overflow to infinity
         x.extend(values(256, 8.0, 5).iter().map(|v| (v * 2.0).round() * 0.5));
         x.extend([7.25; 256]);
         x.extend([-0.0; 256]);
@@ -199,12 +211,26 @@ mod tests {
             let bytes = x.len() / ty.block_size() * ty.type_size();
             let (mut a, mut b) = (vec![0u8; bytes], vec![0u8; bytes]);
             quantize_ref(ty, &x, &mut a);
-            quantize_fast(ty, &x, &mut b);
+            assert!(quantize_fast(ty, &x, &mut b), "{ty}: finite input");
             if let Some(at) = a.iter().zip(&b).position(|(p, q)| p != q) {
                 panic!(
                     "{ty}: fast path differs at byte {at} (block {})",
                     at / ty.type_size()
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn every_fast_path_flags_non_finite_input() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 255, 1000, 2047] {
+                let mut x = values(2048, 1.0, 7);
+                x[at] = bad;
+                for ty in QuantType::ALL {
+                    let mut y = vec![0u8; x.len() / ty.block_size() * ty.type_size()];
+                    assert!(!quantize_fast(ty, &x, &mut y), "{ty}: {bad} at {at}");
+                }
             }
         }
     }
