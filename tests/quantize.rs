@@ -82,14 +82,30 @@ fn quantized_logits_agree_with_transformers() {
             .map(|l| argmax(l))
             .chain(r.greedy_ids[1..].iter().map(|&t| t as usize))
             .collect();
-        for ty in ["q8_0", "q6_k", "q5_k_m", "q5_0", "q5_1", "q4_k_m", "q4_0", "q4_1"] {
+        for ty in [
+            "q8_0", "q6_k", "q5_k_m", "q5_0", "q5_1", "q4_k_m", "q4_0", "q4_1",
+        ] {
             let logits = llama_logits(&gguf(name, ty), &ids);
-            let top1 = logits.iter().zip(&want_top1).filter(|(l, &t)| argmax(l) == t).count() as f64 / ids.len() as f64;
+            let top1 = logits
+                .iter()
+                .zip(&want_top1)
+                .filter(|(l, &t)| argmax(l) == t)
+                .count() as f64
+                / ids.len() as f64;
             let n = r.logits.len() as f64;
-            let mean_kl = logits.iter().zip(&r.logits).map(|(a, b)| kl(b, a)).sum::<f64>() / n;
+            let mean_kl = logits
+                .iter()
+                .zip(&r.logits)
+                .map(|(a, b)| kl(b, a))
+                .sum::<f64>()
+                / n;
             println!("{name} {ty}: top-1 agreement {:.1}% of {} positions, mean KL {mean_kl:.5} over the prompt", top1 * 100.0, ids.len());
             if ty == "q8_0" {
-                assert!(top1 >= 0.95, "{name} q8_0: top-1 agrees at only {:.1}% of positions", top1 * 100.0);
+                assert!(
+                    top1 >= 0.95,
+                    "{name} q8_0: top-1 agrees at only {:.1}% of positions",
+                    top1 * 100.0
+                );
             }
             assert!(mean_kl.is_finite() && mean_kl >= 0.0);
         }
@@ -186,6 +202,29 @@ fn bits_choose_the_mix_the_shapes_allow() {
             .unwrap();
         assert_eq!(qkv.ty.name, expect, "{name} --bits {bits}");
     }
+}
+
+#[test]
+fn output_gets_the_usual_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.gguf");
+    let cmd = format!(
+        "umask 022; exec '{}' '{}' -o '{}' --quiet",
+        quantize_bin(),
+        fixture("tiny-7b-style").display(),
+        out.display()
+    );
+    let o = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
 }
 
 #[test]

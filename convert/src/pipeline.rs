@@ -404,6 +404,7 @@ fn write_file(p: &Prepared, out: &Path, opts: &Options) -> Result<u64, ConvertEr
             path: out.to_path_buf(),
         });
     }
+    crate::sys::set_default_permissions(tmp.as_file()).map_err(|e| ConvertError::write(out, e))?;
     tmp.persist(out)
         .map_err(|e| ConvertError::write(out, e.error))?;
     // Make the rename itself durable.

@@ -146,6 +146,7 @@ pub fn write_gguf(
         }
     }
     w.finish().map_err(|e| ConvertError::write(out, e))?;
+    crate::sys::set_default_permissions(tmp.as_file()).map_err(|e| ConvertError::write(out, e))?;
     tmp.persist(out)
         .map_err(|e| ConvertError::write(out, e.error))?;
     Ok(len)

@@ -19,3 +19,21 @@ pub fn free_space(dir: &Path) -> Option<u64> {
     #[allow(clippy::useless_conversion)]
     Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
 }
+
+/// Gives a file the permissions a plain `create` would have (0666 less the umask): temporary
+/// files are created 0600, and the finished output should not stay that way.
+pub fn set_default_permissions(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: umask only swaps the process's file-creation mask; it is set back at once. A file
+    // created by another thread in between would get mode 0666 & !0o077, no more permissive
+    // than the user's own mask would allow.
+    let mask = unsafe {
+        let m = libc::umask(0o077);
+        libc::umask(m);
+        m
+    };
+    // mode_t is narrower than u32 on some systems.
+    #[allow(clippy::useless_conversion)]
+    let mask = u32::from(mask);
+    file.set_permissions(std::fs::Permissions::from_mode(0o666 & !mask))
+}

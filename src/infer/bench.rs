@@ -65,14 +65,20 @@ pub struct BenchReport {
 /// Copy bandwidth: best of several copies of a buffer far larger than the caches, counting the
 /// bytes read and written.
 #[must_use]
-pub fn copy_bandwidth() -> f64 {
-    const LEN: usize = 256 << 20;
+pub fn copy_bandwidth(threads: usize) -> f64 {
+    use rayon::prelude::*;
+    const LEN: usize = 512 << 20;
+    // One thread cannot saturate a server's memory: copy with as many threads as generation uses.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build().expect("thread pool");
     let src = vec![1u8; LEN];
     let mut dst = vec![0u8; LEN];
+    let chunk = LEN / (threads.max(1) * 4);
     let mut best = f64::INFINITY;
     for _ in 0..5 {
         let t = Instant::now();
-        dst.copy_from_slice(&src);
+        pool.install(|| {
+            dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+        });
         std::hint::black_box(&mut dst);
         best = best.min(t.elapsed().as_secs_f64());
     }
@@ -127,7 +133,11 @@ pub fn run(c: &BenchConfig) -> anyhow::Result<()> {
             );
         }
     }
-    let bw = copy_bandwidth();
+    let threads = load.context.threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        |t| t as usize,
+    );
+    let bw = copy_bandwidth(threads);
     let bytes = model.size_bytes();
     let n_off = u64::from(model.n_layer()) + 1;
     let cpu_share = 1.0 - f64::from(model.gpu_layers()) / n_off as f64;
