@@ -69,7 +69,10 @@ pub fn copy_bandwidth(threads: usize) -> f64 {
     use rayon::prelude::*;
     const LEN: usize = 512 << 20;
     // One thread cannot saturate a server's memory: copy with as many threads as generation uses.
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build().expect("thread pool");
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+        .expect("thread pool");
     let src = vec![1u8; LEN];
     let mut dst = vec![0u8; LEN];
     let chunk = LEN / (threads.max(1) * 4);
@@ -77,7 +80,9 @@ pub fn copy_bandwidth(threads: usize) -> f64 {
     for _ in 0..5 {
         let t = Instant::now();
         pool.install(|| {
-            dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+            dst.par_chunks_mut(chunk)
+                .zip(src.par_chunks(chunk))
+                .for_each(|(d, s)| d.copy_from_slice(s));
         });
         std::hint::black_box(&mut dst);
         best = best.min(t.elapsed().as_secs_f64());
