@@ -135,44 +135,11 @@ pub fn prepare(dir: &Path, opts: &Options) -> Result<Prepared, ConvertError> {
         None => Vec::new(),
     };
 
-    let mut plan = GgufPlan::new();
-    plan.set(
-        keys::GENERAL_ARCHITECTURE,
-        Value::String(keys::ARCH_FALCON.into()),
-    );
     let name = dir
         .canonicalize()
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
-    plan.set(
-        keys::GENERAL_NAME,
-        Value::String(name.unwrap_or_else(|| "falcon".into())),
-    );
-    plan.set(keys::GENERAL_FILE_TYPE, Value::U32(file_type.llama_ftype()));
-    plan.set(
-        keys::GENERAL_QUANTIZATION_VERSION,
-        Value::U32(keys::QNT_VERSION),
-    );
-    plan.set(
-        keys::CONTEXT_LENGTH,
-        Value::U32(config.max_position_embeddings as u32),
-    );
-    plan.set(
-        keys::EMBEDDING_LENGTH,
-        Value::U32(config.hidden_size as u32),
-    );
-    plan.set(
-        keys::FEED_FORWARD_LENGTH,
-        Value::U32(config.ffn_hidden_size as u32),
-    );
-    plan.set(keys::BLOCK_COUNT, Value::U32(config.n_layer as u32));
-    plan.set(keys::HEAD_COUNT, Value::U32(config.n_head as u32));
-    plan.set(keys::HEAD_COUNT_KV, Value::U32(config.n_head_kv as u32));
-    plan.set(keys::LAYER_NORM_EPS, Value::F32(config.layer_norm_epsilon));
-    plan.set(
-        keys::TENSOR_DATA_LAYOUT,
-        Value::String(keys::TENSOR_DATA_LAYOUT_REGROUPED.into()),
-    );
+    let mut plan = falcon_metadata(&config, &name.unwrap_or_else(|| "falcon".into()), file_type);
     vocab.add_to(&mut plan);
 
     let tied = !tensors.iter().any(|t| t.name == "output.weight");
@@ -199,6 +166,34 @@ pub fn prepare(dir: &Path, opts: &Options) -> Result<Prepared, ConvertError> {
         plan,
         tensors,
     })
+}
+
+/// A plan holding the `general.*` and `falcon.*` metadata of a model, no tokenizer, no tensors.
+pub(crate) fn falcon_metadata(config: &FalconConfig, name: &str, file_type: FileType) -> GgufPlan {
+    let u32_of = |v: u64| Value::U32(u32::try_from(v).expect("validated hyper-parameter"));
+    let mut plan = GgufPlan::new();
+    plan.set(
+        keys::GENERAL_ARCHITECTURE,
+        Value::String(keys::ARCH_FALCON.into()),
+    );
+    plan.set(keys::GENERAL_NAME, Value::String(name.into()));
+    plan.set(keys::GENERAL_FILE_TYPE, Value::U32(file_type.llama_ftype()));
+    plan.set(
+        keys::GENERAL_QUANTIZATION_VERSION,
+        Value::U32(keys::QNT_VERSION),
+    );
+    plan.set(keys::CONTEXT_LENGTH, u32_of(config.max_position_embeddings));
+    plan.set(keys::EMBEDDING_LENGTH, u32_of(config.hidden_size));
+    plan.set(keys::FEED_FORWARD_LENGTH, u32_of(config.ffn_hidden_size));
+    plan.set(keys::BLOCK_COUNT, u32_of(config.n_layer));
+    plan.set(keys::HEAD_COUNT, u32_of(config.n_head));
+    plan.set(keys::HEAD_COUNT_KV, u32_of(config.n_head_kv));
+    plan.set(keys::LAYER_NORM_EPS, Value::F32(config.layer_norm_epsilon));
+    plan.set(
+        keys::TENSOR_DATA_LAYOUT,
+        Value::String(keys::TENSOR_DATA_LAYOUT_REGROUPED.into()),
+    );
+    plan
 }
 
 /// Elements of f32 converted per chunk: bounds the memory in flight (about 3 chunks of f32 plus

@@ -12,7 +12,8 @@ use rayon::prelude::*;
 use safetensors::tensor::{Dtype, View};
 
 use crate::error::ConvertError;
-use crate::gguf::{keys, GgufPlan, GgufWriter, PlannedTensor, Value};
+use crate::gguf::{GgufWriter, PlannedTensor};
+use crate::pipeline::falcon_metadata;
 use crate::rules::{choose, FileType, TensorCtx};
 use crate::shapes::FalconShape;
 use crate::vocab::Vocab;
@@ -56,37 +57,7 @@ pub fn write_gguf(
     seed: u64,
 ) -> Result<u64, ConvertError> {
     let c = &shape.config;
-    let mut plan = GgufPlan::new();
-    plan.set(
-        keys::GENERAL_ARCHITECTURE,
-        Value::String(keys::ARCH_FALCON.into()),
-    );
-    plan.set(
-        keys::GENERAL_NAME,
-        Value::String(format!("{} (synthetic)", shape.name)),
-    );
-    plan.set(keys::GENERAL_FILE_TYPE, Value::U32(file_type.llama_ftype()));
-    plan.set(
-        keys::GENERAL_QUANTIZATION_VERSION,
-        Value::U32(keys::QNT_VERSION),
-    );
-    plan.set(
-        keys::CONTEXT_LENGTH,
-        Value::U32(c.max_position_embeddings as u32),
-    );
-    plan.set(keys::EMBEDDING_LENGTH, Value::U32(c.hidden_size as u32));
-    plan.set(
-        keys::FEED_FORWARD_LENGTH,
-        Value::U32(c.ffn_hidden_size as u32),
-    );
-    plan.set(keys::BLOCK_COUNT, Value::U32(c.n_layer as u32));
-    plan.set(keys::HEAD_COUNT, Value::U32(c.n_head as u32));
-    plan.set(keys::HEAD_COUNT_KV, Value::U32(c.n_head_kv as u32));
-    plan.set(keys::LAYER_NORM_EPS, Value::F32(c.layer_norm_epsilon));
-    plan.set(
-        keys::TENSOR_DATA_LAYOUT,
-        Value::String(keys::TENSOR_DATA_LAYOUT_REGROUPED.into()),
-    );
+    let mut plan = falcon_metadata(c, &format!("{} (synthetic)", shape.name), file_type);
     let tok_dir = tempfile::tempdir().map_err(|e| ConvertError::write(out, e))?;
     std::fs::write(tok_dir.path().join("tokenizer.json"), FALCON_TOKENIZER)
         .map_err(|e| ConvertError::write(out, e))?;
