@@ -562,7 +562,10 @@ impl Model<'_> {
     }
 
     /// Memory taken on each device since before the model was loaded: (device, bytes).
-    /// For GPUs this is the drop in free memory; for the CPU, the process's peak resident size.
+    /// For GPUs this is the drop in free memory; for the CPU, the process's resident memory now:
+    /// the weights left on the CPU, the KV cache and buffers. Pages of the mapped file that were
+    /// only read to upload them to a GPU are not counted, as llama.cpp unmaps them after loading
+    /// (the peak would count them and report a fully offloaded model as if it were on the CPU).
     #[must_use]
     pub fn memory_use(&self) -> Vec<(Device, u64)> {
         self.engine
@@ -572,7 +575,7 @@ impl Model<'_> {
             .map(|(d, before)| {
                 let used = match d.kind {
                     DeviceKind::Gpu => before.saturating_sub(d.free),
-                    DeviceKind::Cpu => peak_rss_bytes().unwrap_or(0),
+                    DeviceKind::Cpu => resident_bytes().unwrap_or(0),
                 };
                 (d, used)
             })
@@ -640,9 +643,9 @@ impl Model<'_> {
 }
 
 /// Peak resident set size of this process (Linux: `VmHWM` in `/proc/self/status`).
-fn peak_rss_bytes() -> Option<u64> {
+fn resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
