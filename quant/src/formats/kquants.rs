@@ -168,6 +168,22 @@ pub(crate) struct ScaledLevels {
     pub levels: [u8; QK_K],
 }
 
+/// [`quantize_scaled`] through its AVX2 twin where the CPU has AVX2 (same bytes; the twin runs
+/// one sub-block per lane through the same sequence of float operations), else the reference.
+pub(crate) fn quantize_scaled_fast(
+    x: &[f32; QK_K],
+    nmax: i32,
+    rmin: f32,
+    nstep: i32,
+) -> ScaledLevels {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { super::kquants_avx2::quantize_scaled(x, nmax, rmin, nstep) };
+    }
+    quantize_scaled(x, nmax, rmin, nstep)
+}
+
 /// The common body of `quantize_row_q4_K_ref` (`nmax` 15, `rmin` −1, 20 steps) and
 /// `quantize_row_q5_K_ref` (`nmax` 31, `rmin` −0.5, 15 steps): per 32-element sub-block
 /// search, 6-bit quantization of scales and minimums against their maxima, then requantization

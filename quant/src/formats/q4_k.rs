@@ -2,7 +2,7 @@
 //! 6-bit scale and minimum under f16 super-scales. Byte-identical with ggml's
 //! `quantize_row_q4_K_ref` / `dequantize_row_q4_K`.
 
-use super::kquants::{get_scale_min_k4, quantize_scaled, ScaledLevels};
+use super::kquants::{get_scale_min_k4, quantize_scaled, quantize_scaled_fast, ScaledLevels};
 use super::{as_blocks_mut, Block};
 use crate::numeric::fp16_to_fp32;
 use crate::types::QK_K;
@@ -40,20 +40,11 @@ pub(crate) fn quantize_block(x: &[f32; QK_K], y: &mut BlockQ4K) {
 pub(crate) fn quantize_fast(src: &[f32], dst: &mut [u8]) {
     let blocks = as_blocks_mut::<BlockQ4K>(dst);
     assert_eq!(src.len(), blocks.len() * QK_K);
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        for (x, y) in src.chunks_exact(QK_K).zip(blocks) {
-            let x = x.try_into().expect("256 values");
-            // SAFETY: the CPU supports AVX2, checked above.
-            pack(
-                &unsafe { super::kquants_avx2::quantize_scaled(x, 15, -1.0, 20) },
-                y,
-            );
-        }
-        return;
-    }
     for (x, y) in src.chunks_exact(QK_K).zip(blocks) {
-        quantize_block(x.try_into().expect("256 values"), y);
+        pack(
+            &quantize_scaled_fast(x.try_into().expect("256 values"), 15, -1.0, 20),
+            y,
+        );
     }
 }
 
