@@ -372,16 +372,23 @@ impl Engine {
             llama_cpp_sys_2::ggml_log_set(Some(log_callback), std::ptr::null_mut());
         }
         INITIALISING.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Backend libraries are looked for where this build put them, beside the executable
+        // (a binary copied to another machine with its libraries) and in the current directory.
         #[cfg(feature = "dynamic-backends")]
-        llama_cpp_2::llama_backend::load_backends();
+        // SAFETY: loads ggml's backend modules; called once, before any device is used.
+        unsafe {
+            llama_cpp_sys_2::ggml_backend_load_all();
+        }
         let backend = LlamaBackend::init().map_err(|e| EngineError::Init(e.to_string()));
         // Static GPU backends initialise their devices lazily, at the first device query.
         let _ = device_count();
         INITIALISING.store(false, std::sync::atomic::Ordering::Relaxed);
-        Ok(Self {
+        let engine = Self {
             _backend: backend?,
             gpu_libraries: gpu_libraries_beside_executable(),
-        })
+        };
+        engine.explain_unloaded_libraries();
+        Ok(engine)
     }
 
     /// All devices, CPU included, with their current free memory.
@@ -432,6 +439,28 @@ impl Engine {
     pub fn gpu_notice(&self) -> Option<String> {
         let init_log = INIT_LOG.lock().unwrap_or_else(|e| e.into_inner()).clone();
         gpu_notice(&self.compiled_gpu_backends(), &self.backends(), &init_log)
+    }
+
+    /// ggml loads backend libraries silently in release builds: for a GPU library that is
+    /// present but did not register, load it once more here to learn why (the loader's
+    /// message, e.g. a missing `libcuda.so.1`), for [`Engine::gpu_notice`].
+    fn explain_unloaded_libraries(&self) {
+        let registered: Vec<String> = self
+            .backends()
+            .into_iter()
+            .map(|b| b.name.to_ascii_lowercase())
+            .collect();
+        for (label, path) in gpu_library_paths() {
+            if registered.contains(&label.to_ascii_lowercase()) {
+                continue;
+            }
+            if let Some(why) = dlopen_error(&path) {
+                INIT_LOG
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(format!("{label}: cannot load {}: {why}", path.display()));
+            }
+        }
     }
 
     /// GPU backends this build was compiled with or carries as libraries.
@@ -489,19 +518,13 @@ fn clean_reason(line: &str) -> String {
     }
 }
 
-/// `libggml-cuda.so` and the like next to the executable: the GPU backends a dynamic-backends
-/// build carries.
-fn gpu_libraries_beside_executable() -> Vec<String> {
+/// `libggml-cuda.so` and the like beside the executable or in the current directory (where
+/// ggml's loader looks): the GPU backends a dynamic-backends build carries, with their files.
+fn gpu_library_paths() -> Vec<(&'static str, PathBuf)> {
     if !cfg!(feature = "dynamic-backends") {
         return Vec::new();
     }
-    let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(std::path::Path::to_path_buf))
-    else {
-        return Vec::new();
-    };
-    let known = [
+    const KNOWN: [(&str, &str); 6] = [
         ("cuda", "CUDA"),
         ("vulkan", "Vulkan"),
         ("hip", "ROCm"),
@@ -509,19 +532,59 @@ fn gpu_libraries_beside_executable() -> Vec<String> {
         ("metal", "Metal"),
         ("opencl", "OpenCL"),
     ];
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut found = Vec::new();
-    for e in entries.filter_map(Result::ok) {
-        let name = e.file_name().to_string_lossy().to_ascii_lowercase();
-        for (stem, label) in known {
-            if name.starts_with(&format!("libggml-{stem}")) && !found.contains(&label.to_string()) {
-                found.push(label.to_string());
+    let dirs = [
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(std::path::Path::to_path_buf)),
+        std::env::current_dir().ok(),
+    ];
+    let mut found: Vec<(&'static str, PathBuf)> = Vec::new();
+    for dir in dirs.into_iter().flatten() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name().to_string_lossy().to_ascii_lowercase();
+            for (stem, label) in KNOWN {
+                if name.starts_with(&format!("libggml-{stem}"))
+                    && name.ends_with(".so")
+                    && !found.iter().any(|(l, _)| *l == label)
+                {
+                    found.push((label, e.path()));
+                }
             }
         }
     }
     found
+}
+
+fn gpu_libraries_beside_executable() -> Vec<String> {
+    gpu_library_paths()
+        .into_iter()
+        .map(|(label, _)| label.to_string())
+        .collect()
+}
+
+/// The dynamic loader's reason for refusing a library, or `None` when it loads.
+fn dlopen_error(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: dlopen with a NUL-terminated path; a handle that opens is closed at once, and
+    // dlerror's message is copied before any other dl call.
+    unsafe {
+        let handle = libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+        if handle.is_null() {
+            let e = libc::dlerror();
+            Some(if e.is_null() {
+                "unknown error".to_string()
+            } else {
+                CStr::from_ptr(e).to_string_lossy().into_owned()
+            })
+        } else {
+            libc::dlclose(handle);
+            None
+        }
+    }
 }
 
 fn device_count() -> usize {

@@ -418,10 +418,32 @@ pub fn plan(m: &ModelSizes, input: &PlanInput<'_>) -> Plan {
         match input.gpu_layers {
             GpuLayers::All => n_off,
             GpuLayers::Count(n) => u64::from(n).min(n_off),
-            GpuLayers::Auto => (0..=n_off)
-                .rev()
-                .find(|&n| assign(n).iter().skip(1).all(DevicePlan::fits))
-                .unwrap_or(0),
+            GpuLayers::Auto => {
+                let most = (0..=n_off)
+                    .rev()
+                    .find(|&n| assign(n).iter().skip(1).all(DevicePlan::fits))
+                    .unwrap_or(0);
+                // With workers and no local GPU, the CPU takes its share by memory, as at run
+                // time (see engine::placement), when that share fits.
+                match (
+                    input.cpu_capacity,
+                    devs.iter().any(|d| d.remote),
+                    devs.iter().any(|d| !d.remote),
+                ) {
+                    (Some(cpu), true, false) => {
+                        let all = cpu + devs.iter().map(|d| d.capacity).sum::<u64>();
+                        let cpu_layers =
+                            ((n_off as f64) * cpu as f64 / all.max(1) as f64).round() as u64;
+                        let n = n_off - cpu_layers.min(n_off);
+                        if assign(n).iter().all(DevicePlan::fits) {
+                            n
+                        } else {
+                            most
+                        }
+                    }
+                    _ => most,
+                }
+            }
         }
     };
     let devices = assign(n_gpu);

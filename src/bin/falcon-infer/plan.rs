@@ -213,9 +213,15 @@ fn print_plan(p: &Plan) {
             .collect();
         println!("does not fit: {}", over.join("; "));
     } else if p.gpu_layers < m.n_layer + 1 && p.devices.len() > 1 {
+        let by_memory = p.devices[0].capacity.is_some() && p.devices[1..].iter().all(|d| d.remote);
         println!(
-            "{} layers stay on the CPU: the other devices cannot hold more",
-            m.n_layer + 1 - p.gpu_layers
+            "{} layers stay on the CPU: {}",
+            m.n_layer + 1 - p.gpu_layers,
+            if by_memory {
+                "its share by memory, as runs with --rpc place them"
+            } else {
+                "the other devices cannot hold more"
+            }
         );
     }
 }
