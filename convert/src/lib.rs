@@ -20,8 +20,8 @@
 pub mod checkpoint;
 pub mod config;
 mod error;
-pub mod falcon;
 pub mod gguf;
+pub mod layout;
 mod pipeline;
 pub mod rules;
 pub mod shapes;
