@@ -646,7 +646,7 @@ mod tests {
         }
         assert!(records[0].location.path.ends_with("a.jsonl"));
         assert_eq!(records[2].location.at, Position::Line(1));
-        assert!(records[6].location.path.ends_with("c.parquet"));
+        assert!(records[7].location.path.ends_with("c.parquet"));
 
         let empty = tempfile::tempdir().unwrap();
         let e = load(TaskKind::Arc, empty.path()).unwrap_err().to_string();
@@ -679,7 +679,7 @@ mod tests {
                 _ => unreachable!(),
             })
             .collect();
-        assert_eq!(labels, [0, 0, 0, 1, 0]);
+        assert_eq!(labels, [0, 0, 0, 1, 0, 0]);
     }
 
     const ARC_OK: &str = r#"{"question": "Q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"}"#;

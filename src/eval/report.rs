@@ -406,9 +406,9 @@ mod tests {
         }
         b.items[0].pred = (b.items[0].pred + 1) % 4;
         let c = compare(&b, &a, Path::new("ref.json")).unwrap();
-        assert_eq!(c.items, 5);
-        assert_eq!(c.requests, 20);
-        assert_eq!(c.agreement["acc"], 0.8);
+        assert_eq!(c.items, 6);
+        assert_eq!(c.requests, 24);
+        assert_eq!(c.agreement["acc"], 5.0 / 6.0);
         assert_eq!(c.agreement["acc_norm"], 1.0);
         assert!((c.mean_abs_loglikelihood_diff - 0.5).abs() < 1e-12);
 

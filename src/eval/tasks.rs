@@ -659,7 +659,7 @@ pub(crate) mod tests {
                 }
             }
         }
-        assert_eq!(requests, 106);
+        assert_eq!(requests, 124);
     }
 
     /// falcon-mini's tokenizer through the `tokenizers` crate, as transformers uses it.
