@@ -32,6 +32,11 @@ use super::tasks::Request;
 use super::{Scorer, Token};
 
 /// The budgets of one round and one decode.
+///
+/// For llama.cpp: a context with `n_ctx >= max_tokens` (it rounds `n_ctx` up to a multiple of
+/// 256), `n_batch >= max_batch`, a unified KV cache, and `max_seqs <= 256` (`LLAMA_MAX_SEQ`,
+/// the most sequence ids a unified cache accepts); its batch must hold `max_seqs` ids per
+/// token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// KV cells a round may fill (the context's `n_ctx`); at least the longest request's

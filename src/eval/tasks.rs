@@ -476,12 +476,32 @@ pub fn encode_pair(
     context: &str,
     continuation: &str,
 ) -> (Vec<Token>, Vec<Token>) {
+    let mut cache = None;
+    encode_pair_cached(tokenize, eot, context, continuation, &mut cache)
+}
+
+/// [`encode_pair`], reusing the context's tokens when it is the same as the previous call's
+/// (an item's choices share their context).
+fn encode_pair_cached<'c>(
+    tokenize: &mut dyn FnMut(&str) -> Vec<Token>,
+    eot: Token,
+    context: &'c str,
+    continuation: &str,
+    cache: &mut Option<(&'c str, Vec<Token>)>,
+) -> (Vec<Token>, Vec<Token>) {
     if context.is_empty() {
         return (vec![eot], tokenize(continuation));
     }
     let kept = py_rstrip(context);
+    let context_ids = match cache {
+        Some((k, ids)) if *k == kept => ids.clone(),
+        _ => {
+            let ids = tokenize(kept);
+            *cache = Some((kept, ids.clone()));
+            ids
+        }
+    };
     let whole = tokenize(&format!("{context}{continuation}"));
-    let context_ids = tokenize(kept);
     let continuation_ids = whole.get(context_ids.len()..).unwrap_or_default().to_vec();
     (context_ids, continuation_ids)
 }
@@ -496,6 +516,7 @@ pub fn tokenize_items(
     eot: Token,
     max_length: usize,
 ) -> Vec<Result<Vec<Request>, Unscorable>> {
+    let mut cache = None;
     items
         .iter()
         .map(|item| {
@@ -504,7 +525,7 @@ pub fn tokenize_items(
                 .enumerate()
                 .map(|(choice, r)| {
                     let (context, continuation) =
-                        encode_pair(tokenize, eot, &r.context, &r.continuation);
+                        encode_pair_cached(tokenize, eot, &r.context, &r.continuation, &mut cache);
                     truncate(choice, &r.continuation, context, continuation, max_length)
                 })
                 .collect()
