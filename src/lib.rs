@@ -5,6 +5,7 @@
 //! (generation, chat, planning and measuring through llama.cpp, whose every call lives in
 //! [`engine`]).
 pub mod engine;
+pub mod eval;
 pub mod infer;
 pub mod quantize;
 
