@@ -8,6 +8,7 @@ pub mod engine;
 pub mod eval;
 pub mod infer;
 pub mod quantize;
+pub mod serve;
 
 /// An error and its causes on one line, for the binaries' single error message.
 pub fn error_chain(e: &anyhow::Error) -> String {
