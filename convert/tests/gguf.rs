@@ -522,7 +522,19 @@ fn refuses_versions_1_and_4() {
 fn refuses_every_truncation_of_a_small_file() {
     let bytes = small_file();
     validate_bytes(&bytes).unwrap();
-    for len in 0..bytes.len() {
+    // The last tensor's data ends before the end of the file: its padding to 32 follows.
+    let f = write_temp(&bytes);
+    let r = GgufReader::open(f.path()).unwrap();
+    let last = r.tensors().last().unwrap();
+    let data_end = (last.offset + last.n_bytes) as usize;
+    assert_eq!((bytes.len() - data_end, bytes.len() % 32), (28, 0));
+    assert!(bytes[data_end..].iter().all(|&b| b == 0));
+    // Without that padding the file is still valid: llama.cpp maps files and reads no further
+    // than the last tensor's data, and files from writers that left it out still load.
+    for len in data_end..bytes.len() {
+        validate_bytes(&bytes[..len]).unwrap();
+    }
+    for len in 0..data_end {
         let err = validate_bytes(&bytes[..len])
             .err()
             .unwrap_or_else(|| panic!("a prefix of {len} of {} bytes was accepted", bytes.len()));
@@ -910,6 +922,70 @@ fn refuses_overlapping_tensors() {
         .pad()
         .data(64);
     validate_bytes(&raw.0).unwrap();
+}
+
+#[test]
+fn refuses_a_gap_before_or_between_tensors() {
+    let f32 = QuantType::F32.ggml_id();
+    // 8 floats (32 bytes) at 0, the next at 64: 32 bytes of nothing between them.
+    let raw = Raw::v3(3, 0)
+        .tensor("a", &[8], f32, 0)
+        .tensor("b", &[8], f32, 64)
+        .tensor("c", &[8], f32, 96)
+        .pad()
+        .data(128);
+    assert_invalid(
+        &refuse(&raw.0),
+        &["32 bytes lie between the data of tensors 'a' and 'b'"],
+    );
+    // The first tensor not at the start of the data section.
+    let raw = Raw::v3(1, 0).tensor("a", &[8], f32, 32).pad().data(64);
+    assert_invalid(
+        &refuse(&raw.0),
+        &[
+            "32 bytes lie between the start of the data section",
+            "tensor 'a'",
+        ],
+    );
+    // A row of padding more than the alignment needs.
+    let raw = Raw::v3(2, 0)
+        .tensor("a", &[3], f32, 0)
+        .tensor("b", &[8], f32, 64)
+        .pad()
+        .data(96);
+    assert_invalid(&refuse(&raw.0), &["tensors 'a' and 'b'"]);
+}
+
+#[test]
+fn refuses_tensors_out_of_order() {
+    let f32 = QuantType::F32.ggml_id();
+    // Back to back, but listed in the opposite order of their data.
+    let raw = Raw::v3(2, 0)
+        .tensor("a", &[8], f32, 32)
+        .tensor("b", &[8], f32, 0)
+        .pad()
+        .data(64);
+    assert_invalid(
+        &refuse(&raw.0),
+        &["tensor 'b' is out of order", "before that of 'a'"],
+    );
+}
+
+#[test]
+fn writer_pads_the_last_tensor() {
+    let mut plan = GgufPlan::new();
+    plan.add_tensor(tensor("a", &[3], QuantType::F32));
+    plan.add_tensor(tensor("b", &[5], QuantType::F32));
+    let bytes = write_in_chunks(&plan, &plan_data(&plan));
+    let data = plan.header_len() as usize;
+    // a: 12 bytes, 20 of padding; b: 20 bytes, 12 of padding.
+    assert_eq!(bytes.len(), data + 64);
+    assert_eq!(bytes.len() as u64, plan.file_len());
+    assert!(bytes[data + 12..data + 32].iter().all(|&b| b == 0));
+    assert!(bytes[data + 52..].iter().all(|&b| b == 0));
+    let f = write_temp(&bytes);
+    let r = GgufReader::open(f.path()).unwrap();
+    assert_eq!(r.tensor_data(r.tensor("b").unwrap()).len(), 20);
 }
 
 #[test]

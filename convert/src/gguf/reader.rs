@@ -476,19 +476,7 @@ impl GgufReader {
         if let Some(t) = first_duplicate(&tensors, |t| &t.name) {
             return Err(c.invalid(format!("tensor '{}' appears twice", t.name)));
         }
-        let mut by_offset: Vec<&TensorInfo> = tensors.iter().collect();
-        by_offset.sort_by_key(|t| t.offset);
-        for pair in by_offset.windows(2) {
-            if pair[0].offset + pair[0].n_bytes > pair[1].offset {
-                return Err(GgufError::Invalid {
-                    path: path.into(),
-                    what: format!(
-                        "the data of tensors '{}' and '{}' overlap",
-                        pair[0].name, pair[1].name
-                    ),
-                });
-            }
-        }
+        check_layout(path, &tensors, alignment, data_offset)?;
         Ok(GgufReader {
             path: path.to_path_buf(),
             map,
@@ -546,6 +534,65 @@ impl GgufReader {
     pub fn tensor_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.n_bytes).sum()
     }
+}
+
+/// Tensor data must follow one another in the order of the tensor infos, each padded to the
+/// alignment: what llama.cpp's `gguf_init_from_file` requires (its data section is the padded
+/// sizes added up). A gap, an overlap or a tensor out of order is refused, naming the tensors.
+/// The last tensor's padding may be missing (older writers left it out; llama.cpp maps the file
+/// and does not read it).
+fn check_layout(
+    path: &Path,
+    tensors: &[TensorInfo],
+    alignment: u64,
+    data_offset: u64,
+) -> Result<(), GgufError> {
+    let invalid = |what: String| GgufError::Invalid {
+        path: path.into(),
+        what,
+    };
+    // Overlaps first, in offset order, so that two tensors sharing bytes are named as such
+    // whatever order they are listed in.
+    let mut by_offset: Vec<&TensorInfo> = tensors.iter().collect();
+    by_offset.sort_by_key(|t| t.offset);
+    for pair in by_offset.windows(2) {
+        // Both ends were checked against the file length: no overflow.
+        if pair[0].offset + pair[0].n_bytes > pair[1].offset {
+            return Err(invalid(format!(
+                "the data of tensors '{}' and '{}' overlap",
+                pair[0].name, pair[1].name
+            )));
+        }
+    }
+    for pair in tensors.windows(2) {
+        let (p, t) = (&pair[0], &pair[1]);
+        if t.offset < p.offset {
+            return Err(invalid(format!(
+                "tensor '{}' is out of order: its data (at byte {}) comes before that of '{}' (at byte {}), which is listed before it",
+                t.name, t.offset, p.name, p.offset
+            )));
+        }
+    }
+    let mut expected = data_offset;
+    let mut previous: Option<&TensorInfo> = None;
+    for t in tensors {
+        if t.offset != expected {
+            let gap = t.offset - expected;
+            return Err(invalid(match previous {
+                Some(p) => format!(
+                    "{gap} bytes lie between the data of tensors '{}' and '{}' (at byte {expected}): tensor data must follow one another",
+                    p.name, t.name
+                ),
+                None => format!(
+                    "{gap} bytes lie between the start of the data section (byte {data_offset}) and tensor '{}': tensor data must follow one another",
+                    t.name
+                ),
+            }));
+        }
+        expected = align_up(t.offset + t.n_bytes, alignment);
+        previous = Some(t);
+    }
+    Ok(())
 }
 
 /// Parses GGUF bytes already in memory (used by the fuzz target and tests).
