@@ -377,3 +377,61 @@ fn bits_and_type_together_are_a_usage_error() {
     );
     assert!(entries(&s.out_dir()).is_empty());
 }
+
+#[test]
+fn config_values_out_of_range_name_the_key_value_and_limit() {
+    for (key, value, limit) in [
+        (
+            "hidden_size",
+            serde_json::json!(1u64 << 40),
+            "from 1 to 65536",
+        ),
+        (
+            "num_hidden_layers",
+            serde_json::json!(1u64 << 33),
+            "from 1 to 1024",
+        ),
+        ("num_attention_heads", serde_json::json!(0), "from 1 to 192"),
+        ("num_kv_heads", serde_json::json!(7), "from 1 to 6"),
+        (
+            "vocab_size",
+            serde_json::json!(1u64 << 32),
+            "from 1 to 4194304",
+        ),
+        (
+            "ffn_hidden_size",
+            serde_json::json!(u64::MAX),
+            "4 × hidden_size (768)",
+        ),
+        // Used to panic when written as a u32.
+        (
+            "max_position_embeddings",
+            serde_json::json!(1u64 << 32),
+            "from 1 to 1048576",
+        ),
+        (
+            "bos_token_id",
+            serde_json::json!(1024),
+            "below vocab_size, 1024",
+        ),
+        (
+            "eos_token_id",
+            serde_json::json!(-1),
+            "below vocab_size, 1024",
+        ),
+        (
+            "layer_norm_epsilon",
+            serde_json::json!(1e40),
+            "a number from 1e-30 to 1",
+        ),
+    ] {
+        let s = Scratch::new("tiny-7b-style");
+        let shown = if key == "ffn_hidden_size" {
+            format!("{key} {value}")
+        } else {
+            format!("'{key}' is {value}")
+        };
+        s.edit_config(|j| j[key] = value);
+        assert_fails(&s.run(), &s.out_dir(), &["config.json", &shown, limit]);
+    }
+}

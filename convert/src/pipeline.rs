@@ -114,8 +114,10 @@ pub fn prepare(dir: &Path, opts: &Options) -> Result<Prepared, ConvertError> {
             dir: dir.to_path_buf(),
         });
     }
+    // Every number of config.json is bounded first; then the weights' shapes are checked
+    // against it (safetensors checks them against the files' sizes) before the vocabulary, the
+    // largest table built from it, is read.
     let config = FalconConfig::from_dir(dir)?;
-    let vocab = Vocab::from_dir(dir, &config)?;
     let file_type = match opts.target {
         Target::Type(t) => t,
         Target::Bits(b) => {
@@ -134,6 +136,7 @@ pub fn prepare(dir: &Path, opts: &Options) -> Result<Prepared, ConvertError> {
         Some(c) => match_checkpoint(&config, c)?,
         None => Vec::new(),
     };
+    let vocab = Vocab::from_dir(dir, &config)?;
 
     let name = dir
         .canonicalize()
