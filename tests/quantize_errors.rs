@@ -435,3 +435,32 @@ fn config_values_out_of_range_name_the_key_value_and_limit() {
         assert_fails(&s.run(), &s.out_dir(), &["config.json", &shown, limit]);
     }
 }
+
+#[test]
+fn a_tensor_in_two_shards_names_both_files() {
+    let s = Scratch::new("tiny-40b-style");
+    let shards: Vec<String> = entries(&s.ck())
+        .into_iter()
+        .filter(|n| n.starts_with("model-") && n.ends_with(".safetensors"))
+        .collect();
+    // The first shard's attention matrix, also written into the last shard.
+    let read = |name: &str| std::fs::read(s.ck().join(name)).unwrap();
+    let first = read(&shards[0]);
+    let first = safetensors::SafeTensors::deserialize(&first).unwrap();
+    let (dup_name, dup) = first
+        .tensors()
+        .into_iter()
+        .find(|(n, _)| n.ends_with("self_attention.dense.weight"))
+        .unwrap();
+    let last_name = shards.last().unwrap();
+    let last = read(last_name);
+    let last = safetensors::SafeTensors::deserialize(&last).unwrap();
+    let mut views = last.tensors();
+    views.push((dup_name.clone(), dup));
+    safetensors::serialize_to_file(views, None, &s.ck().join(last_name)).unwrap();
+    assert_fails(
+        &s.run(),
+        &s.out_dir(),
+        &[&dup_name, "is in both", &shards[0], last_name],
+    );
+}

@@ -31,6 +31,12 @@ pub enum ConvertError {
         "{path} is not a valid safetensors file ({why}); it may be truncated: download it again"
     )]
     BadSafetensors { path: PathBuf, why: String },
+    #[error("tensor {tensor} is in both {first} and {second}: a checkpoint holds each tensor once; download the checkpoint again")]
+    DuplicateTensor {
+        tensor: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
     #[error("tensor {tensor} is missing from the checkpoint in {dir}")]
     MissingTensor { tensor: String, dir: PathBuf },
     #[error(
