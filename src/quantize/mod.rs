@@ -115,7 +115,7 @@ impl TypeArgs {
 /// Runs the command; returns the process exit code.
 pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
     match cli.command {
-        Some(Command::Synth(args)) => synth(args),
+        Some(Command::Synth(args)) => synth(args, &cancel),
         None => convert_checkpoint(cli.convert, cancel),
     }
 }
@@ -182,7 +182,7 @@ fn convert_checkpoint(args: ConvertArgs, cancel: Arc<AtomicBool>) -> Result<()> 
     Ok(())
 }
 
-fn synth(args: SynthArgs) -> Result<()> {
+fn synth(args: SynthArgs, cancel: &AtomicBool) -> Result<()> {
     args.common.pool()?;
     let mut shape = FalconShape::named(&args.shape).expect("validated by clap");
     if let Some(n) = args.layers {
@@ -204,7 +204,7 @@ fn synth(args: SynthArgs) -> Result<()> {
             Target::Type(t) => t,
             Target::Bits(b) => FileType::for_bits(b, shape.config.hidden_size).expect("4 or 8"),
         };
-        let bytes = convert::synth::write_gguf(&shape, ft, &args.output, args.seed)
+        let bytes = convert::synth::write_gguf(&shape, ft, &args.output, args.seed, Some(cancel))
             .with_context(|| format!("writing {}", args.output.display()))?;
         if !args.common.quiet {
             eprintln!(
@@ -217,8 +217,14 @@ fn synth(args: SynthArgs) -> Result<()> {
             );
         }
     } else {
-        convert::synth::write_checkpoint(&shape, &args.output, args.seed, args.shard_gb << 30)
-            .with_context(|| format!("writing {}", args.output.display()))?;
+        convert::synth::write_checkpoint(
+            &shape,
+            &args.output,
+            args.seed,
+            args.shard_gb << 30,
+            Some(cancel),
+        )
+        .with_context(|| format!("writing {}", args.output.display()))?;
         if !args.common.quiet {
             eprintln!(
                 "wrote a bf16 {} checkpoint to {} in {:.1} s",
