@@ -398,3 +398,34 @@ fn a_tensor_in_two_shards_names_both_files() {
         &[&dup_name, "is in both", &shards[0], last_name],
     );
 }
+
+/// Usage errors, ours as well as clap's, exit with 2 as `--help` says, with clap's usage line.
+#[test]
+fn usage_errors_exit_2() {
+    let s = Scratch::new("tiny-7b-style");
+    let (ck, out) = (s.ck(), s.out());
+    let (ck, out) = (ck.to_str().unwrap(), out.to_str().unwrap());
+    for (args, words) in [
+        (vec![ck], "no output file given"),
+        (vec!["-o", out], "no checkpoint directory given"),
+        (vec![ck, "-o", out, "--threads", "0"], "--threads"),
+        (vec![ck, "-o", out, "--bits", "5"], "--bits"),
+        (vec![ck, "-o", out, "--type", "q3_k"], "unknown type 'q3_k'"),
+        (vec![ck, "-o", out, "--no-such-flag"], "--no-such-flag"),
+        (
+            vec!["synth", "--shape", "falcon-7b", "-o", out, "--layers", "33"],
+            "--layers 33 is more than the 32 layers of falcon-7b",
+        ),
+        (
+            vec!["synth", "--shape", "falcon-7b", "-o", out, "--layers", "0"],
+            "--layers",
+        ),
+    ] {
+        let o = quantize(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(words), "{args:?}: {words:?} not in {err}");
+        assert!(err.contains("--help"), "{args:?}: {err}");
+        assert!(entries(&s.out_dir()).is_empty(), "{args:?}");
+    }
+}

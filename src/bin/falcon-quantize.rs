@@ -21,6 +21,11 @@ fn main() {
     });
     falcon::ignore_file_size_signal();
     if let Err(e) = falcon::quantize::run(cli, cancel.clone()) {
+        if let Some(usage) = e.downcast_ref::<clap::Error>() {
+            // Printed as clap prints its own, with status 2.
+            let _ = usage.print();
+            std::process::exit(usage.exit_code());
+        }
         eprintln!("falcon-quantize: error: {}", falcon::error_chain(&e));
         std::process::exit(if cancel.load(Ordering::SeqCst) {
             130
