@@ -166,6 +166,24 @@ fn same_types_and_bytes_as_llama_cpp_quantizer() {
                     a.name
                 );
             }
+            // Everything after the header, padding between and after tensors included.
+            let ours_bytes = std::fs::read(ours.path()).unwrap();
+            let theirs_bytes = std::fs::read(&theirs_path).unwrap();
+            let (ours_data, theirs_data) = (
+                &ours_bytes[ours.data_offset() as usize..],
+                &theirs_bytes[theirs.data_offset() as usize..],
+            );
+            assert_eq!(
+                ours_data.len(),
+                theirs_data.len(),
+                "{name} {}: data section length",
+                ft.name()
+            );
+            assert!(
+                ours_data == theirs_data,
+                "{name} {}: the bytes after the header differ from llama.cpp's",
+                ft.name()
+            );
             let types: std::collections::BTreeSet<&str> =
                 ours.tensors().iter().map(|t| t.ty.name).collect();
             println!(
@@ -174,6 +192,119 @@ fn same_types_and_bytes_as_llama_cpp_quantizer() {
                 ours.tensors().len()
             );
         }
+    }
+}
+
+/// A checkpoint whose tensors' sizes are not multiples of the alignment (width 21, odd), with
+/// f32 weights, written from the tensor layout the converter reads.
+fn odd_checkpoint(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["FalconForCausalLM"], "model_type": "falcon", "hidden_size": 21,
+        "num_hidden_layers": 2, "num_attention_heads": 3, "num_kv_heads": 3, "multi_query": true,
+        "new_decoder_architecture": false, "parallel_attn": true, "bias": false, "alibi": false,
+        "vocab_size": 1024, "bos_token_id": 11, "eos_token_id": 11, "tie_word_embeddings": true
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        fixture("tiny-7b-style").join("tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    let cfg = convert::FalconConfig::from_json(&config).unwrap();
+    let tensors = convert::layout::tensors(&cfg, convert::layout::Variant::of_config(&cfg));
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|t| {
+            let shape: Vec<usize> = t.hf_shape().iter().map(|&d| d as usize).collect();
+            let n: usize = shape.iter().product();
+            let bytes = (0..n)
+                .flat_map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let v = ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
+                    let v = if t.name.ends_with("norm.weight") {
+                        1.0 + v
+                    } else {
+                        v
+                    };
+                    v.to_le_bytes()
+                })
+                .collect();
+            (t.hf_name.clone(), shape, bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+/// Regression: the last tensor's padding was not written, so files whose last tensor does not
+/// end on the alignment differed from llama.cpp's after the tensor data.
+#[test]
+fn last_tensor_is_padded_as_llama_cpp_pads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    odd_checkpoint(&ck);
+    let convert = |ty: &str| {
+        let out = dir.path().join(format!("ours-{ty}.gguf"));
+        let o = quantize(&[
+            ck.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--type",
+            ty,
+            "--quiet",
+        ]);
+        assert!(
+            o.status.success(),
+            "{ty}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    };
+    let f32_file = convert("f32");
+    for ft in [
+        convert::FileType::F32,
+        convert::FileType::F16,
+        convert::FileType::Q8_0,
+    ] {
+        let ours = convert(ft.name());
+        let theirs = dir.path().join(format!("theirs-{}.gguf", ft.name()));
+        llama_quantize(&f32_file, &theirs, ft.llama_ftype());
+        let (r_ours, r_theirs) = (
+            GgufReader::open(&ours).unwrap(),
+            GgufReader::open(&theirs).unwrap(),
+        );
+        let last = r_ours.tensors().last().unwrap();
+        assert_ne!(
+            last.n_bytes % 32,
+            0,
+            "{}: the last tensor should end off the alignment",
+            ft.name()
+        );
+        let (a, b) = (
+            std::fs::read(&ours).unwrap(),
+            std::fs::read(&theirs).unwrap(),
+        );
+        let (a, b) = (
+            &a[r_ours.data_offset() as usize..],
+            &b[r_theirs.data_offset() as usize..],
+        );
+        assert_eq!(a.len(), b.len(), "{}: data section length", ft.name());
+        assert!(
+            a == b,
+            "{}: the bytes after the header differ from llama.cpp's",
+            ft.name()
+        );
     }
 }
 

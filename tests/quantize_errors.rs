@@ -292,72 +292,6 @@ fn full_disk() {
 }
 
 #[test]
-fn ctrl_c_mid_write_leaves_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let ck = dir.path().join("ck");
-    // A one-layer checkpoint with Falcon-7B's widths: large enough to interrupt mid-write.
-    let o = quantize(&[
-        "synth",
-        "--shape",
-        "falcon-7b",
-        "--layers",
-        "1",
-        "-o",
-        ck.to_str().unwrap(),
-        "--quiet",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out_dir = dir.path().join("out");
-    std::fs::create_dir(&out_dir).unwrap();
-    let out = out_dir.join("model.gguf");
-    let mut child = Command::new(quantize_bin())
-        .args([
-            ck.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--type",
-            "f32",
-            "--threads",
-            "1",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until the temporary file holds data, then interrupt.
-    let started = std::time::Instant::now();
-    loop {
-        let partial = entries(&out_dir)
-            .into_iter()
-            .find(|n| n.ends_with(".partial"));
-        if let Some(p) = partial {
-            if std::fs::metadata(out_dir.join(p))
-                .map(|m| m.len() > 1 << 20)
-                .unwrap_or(false)
-            {
-                break;
-            }
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "finished before it could be interrupted"
-        );
-        assert!(started.elapsed().as_secs() < 120, "no output after 120 s");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    // SAFETY: sending a signal to our own child process, whose pid is valid until it is waited for.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(130), "{err}");
-    assert!(err.contains("interrupted"), "{err}");
-    assert!(
-        entries(&out_dir).is_empty(),
-        "left behind: {:?}",
-        entries(&out_dir)
-    );
-}
-
-#[test]
 fn bits_and_type_together_are_a_usage_error() {
     let s = Scratch::new("tiny-7b-style");
     let o = quantize(&[
@@ -376,4 +310,122 @@ fn bits_and_type_together_are_a_usage_error() {
         "{err}"
     );
     assert!(entries(&s.out_dir()).is_empty());
+}
+
+#[test]
+fn config_values_out_of_range_name_the_key_value_and_limit() {
+    for (key, value, limit) in [
+        (
+            "hidden_size",
+            serde_json::json!(1u64 << 40),
+            "from 1 to 65536",
+        ),
+        (
+            "num_hidden_layers",
+            serde_json::json!(1u64 << 33),
+            "from 1 to 1024",
+        ),
+        ("num_attention_heads", serde_json::json!(0), "from 1 to 192"),
+        ("num_kv_heads", serde_json::json!(7), "from 1 to 6"),
+        (
+            "vocab_size",
+            serde_json::json!(1u64 << 32),
+            "from 1 to 4194304",
+        ),
+        (
+            "ffn_hidden_size",
+            serde_json::json!(u64::MAX),
+            "4 × hidden_size (768)",
+        ),
+        // Used to panic when written as a u32.
+        (
+            "max_position_embeddings",
+            serde_json::json!(1u64 << 32),
+            "from 1 to 1048576",
+        ),
+        (
+            "bos_token_id",
+            serde_json::json!(1024),
+            "below vocab_size, 1024",
+        ),
+        (
+            "eos_token_id",
+            serde_json::json!(-1),
+            "below vocab_size, 1024",
+        ),
+        (
+            "layer_norm_epsilon",
+            serde_json::json!(1e40),
+            "a number from 1e-30 to 1",
+        ),
+    ] {
+        let s = Scratch::new("tiny-7b-style");
+        let shown = if key == "ffn_hidden_size" {
+            format!("{key} {value}")
+        } else {
+            format!("'{key}' is {value}")
+        };
+        s.edit_config(|j| j[key] = value);
+        assert_fails(&s.run(), &s.out_dir(), &["config.json", &shown, limit]);
+    }
+}
+
+#[test]
+fn a_tensor_in_two_shards_names_both_files() {
+    let s = Scratch::new("tiny-40b-style");
+    let shards: Vec<String> = entries(&s.ck())
+        .into_iter()
+        .filter(|n| n.starts_with("model-") && n.ends_with(".safetensors"))
+        .collect();
+    // The first shard's attention matrix, also written into the last shard.
+    let read = |name: &str| std::fs::read(s.ck().join(name)).unwrap();
+    let first = read(&shards[0]);
+    let first = safetensors::SafeTensors::deserialize(&first).unwrap();
+    let (dup_name, dup) = first
+        .tensors()
+        .into_iter()
+        .find(|(n, _)| n.ends_with("self_attention.dense.weight"))
+        .unwrap();
+    let last_name = shards.last().unwrap();
+    let last = read(last_name);
+    let last = safetensors::SafeTensors::deserialize(&last).unwrap();
+    let mut views = last.tensors();
+    views.push((dup_name.clone(), dup));
+    safetensors::serialize_to_file(views, None, &s.ck().join(last_name)).unwrap();
+    assert_fails(
+        &s.run(),
+        &s.out_dir(),
+        &[&dup_name, "is in both", &shards[0], last_name],
+    );
+}
+
+/// Usage errors, ours as well as clap's, exit with 2 as `--help` says, with clap's usage line.
+#[test]
+fn usage_errors_exit_2() {
+    let s = Scratch::new("tiny-7b-style");
+    let (ck, out) = (s.ck(), s.out());
+    let (ck, out) = (ck.to_str().unwrap(), out.to_str().unwrap());
+    for (args, words) in [
+        (vec![ck], "no output file given"),
+        (vec!["-o", out], "no checkpoint directory given"),
+        (vec![ck, "-o", out, "--threads", "0"], "--threads"),
+        (vec![ck, "-o", out, "--bits", "5"], "--bits"),
+        (vec![ck, "-o", out, "--type", "q3_k"], "unknown type 'q3_k'"),
+        (vec![ck, "-o", out, "--no-such-flag"], "--no-such-flag"),
+        (
+            vec!["synth", "--shape", "falcon-7b", "-o", out, "--layers", "33"],
+            "--layers 33 is more than the 32 layers of falcon-7b",
+        ),
+        (
+            vec!["synth", "--shape", "falcon-7b", "-o", out, "--layers", "0"],
+            "--layers",
+        ),
+    ] {
+        let o = quantize(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(words), "{args:?}: {words:?} not in {err}");
+        assert!(err.contains("--help"), "{args:?}: {err}");
+        assert!(entries(&s.out_dir()).is_empty(), "{args:?}");
+    }
 }

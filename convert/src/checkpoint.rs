@@ -102,8 +102,8 @@ impl Checkpoint {
             });
         };
 
-        let mut shards = Vec::new();
-        let mut tensors = BTreeMap::new();
+        let mut shards: Vec<(PathBuf, Mmap)> = Vec::new();
+        let mut tensors: BTreeMap<String, SourceTensor> = BTreeMap::new();
         for (i, path) in shard_paths.into_iter().enumerate() {
             let file = File::open(&path).map_err(|e| ConvertError::io(&path, e))?;
             // SAFETY: read-only mapping of a checkpoint file. If another process truncates it while
@@ -131,6 +131,13 @@ impl Checkpoint {
                 let start = view.data().as_ptr() as usize - base;
                 let end = start + view.data().len();
                 let shape = view.shape().iter().map(|&d| d as u64).collect();
+                if let Some(first) = tensors.get(&name) {
+                    return Err(ConvertError::DuplicateTensor {
+                        tensor: name,
+                        first: shards[first.shard].0.clone(),
+                        second: path.clone(),
+                    });
+                }
                 tensors.insert(
                     name.clone(),
                     SourceTensor {

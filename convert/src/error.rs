@@ -13,6 +13,14 @@ pub enum ConvertError {
     MissingConfig { dir: PathBuf },
     #[error("{path}: {why}")]
     BadConfig { path: PathBuf, why: String },
+    #[error("{path}: '{key}' is {value}; it must be {expected}")]
+    ConfigValue {
+        path: PathBuf,
+        key: String,
+        /// The value as written in the file.
+        value: String,
+        expected: String,
+    },
     #[error("{path}: unsupported model: {why}")]
     Unsupported { path: PathBuf, why: String },
     #[error("{dir} has no weights: expected model.safetensors or model.safetensors.index.json (PyTorch .bin checkpoints are not supported: convert them to safetensors first)")]
@@ -23,6 +31,12 @@ pub enum ConvertError {
         "{path} is not a valid safetensors file ({why}); it may be truncated: download it again"
     )]
     BadSafetensors { path: PathBuf, why: String },
+    #[error("tensor {tensor} is in both {first} and {second}: a checkpoint holds each tensor once; download the checkpoint again")]
+    DuplicateTensor {
+        tensor: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
     #[error("tensor {tensor} is missing from the checkpoint in {dir}")]
     MissingTensor { tensor: String, dir: PathBuf },
     #[error(

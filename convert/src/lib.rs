@@ -22,6 +22,7 @@ pub mod config;
 mod error;
 pub mod gguf;
 pub mod layout;
+pub mod partial;
 mod pipeline;
 pub mod rules;
 pub mod shapes;

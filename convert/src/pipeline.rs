@@ -16,6 +16,7 @@ use crate::config::FalconConfig;
 use crate::error::ConvertError;
 use crate::gguf::{keys, GgufPlan, GgufWriter, PlannedTensor, Value};
 use crate::layout::{match_checkpoint, plan_types, FalconTensor, Transform};
+use crate::partial::PartialFile;
 use crate::rules::FileType;
 use crate::vocab::Vocab;
 
@@ -114,8 +115,10 @@ pub fn prepare(dir: &Path, opts: &Options) -> Result<Prepared, ConvertError> {
             dir: dir.to_path_buf(),
         });
     }
+    // Every number of config.json is bounded first; then the weights' shapes are checked
+    // against it (safetensors checks them against the files' sizes) before the vocabulary, the
+    // largest table built from it, is read.
     let config = FalconConfig::from_dir(dir)?;
-    let vocab = Vocab::from_dir(dir, &config)?;
     let file_type = match opts.target {
         Target::Type(t) => t,
         Target::Bits(b) => {
@@ -134,6 +137,7 @@ pub fn prepare(dir: &Path, opts: &Options) -> Result<Prepared, ConvertError> {
         Some(c) => match_checkpoint(&config, c)?,
         None => Vec::new(),
     };
+    let vocab = Vocab::from_dir(dir, &config)?;
 
     let name = dir
         .canonicalize()
@@ -253,18 +257,11 @@ fn write_file(p: &Prepared, out: &Path, opts: &Options) -> Result<u64, ConvertEr
             });
         }
     }
-    let file_name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out.gguf".into());
-    // Dropped (and so deleted) on every early return: nothing half-written stays behind.
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{file_name}."))
-        .suffix(".partial")
-        .tempfile_in(&parent)
-        .map_err(|e| ConvertError::write(out, e))?;
-    let file = tmp
-        .as_file()
+    // Removed on every early return and by `partial::remove_all`; stale ones of killed runs
+    // are removed when it is created: nothing half-written stays behind.
+    let partial = PartialFile::create(out).map_err(|e| ConvertError::write(out, e))?;
+    let file = partial
+        .file()
         .try_clone()
         .map_err(|e| ConvertError::write(out, e))?;
     let total_in: u64 = p
@@ -370,19 +367,13 @@ fn write_file(p: &Prepared, out: &Path, opts: &Options) -> Result<u64, ConvertEr
     drop(tx);
     let written = writer.join().expect("the writer thread does not panic");
     produced?;
-    let file = written.map_err(|e| ConvertError::write(out, e))?;
-    file.sync_all().map_err(|e| ConvertError::write(out, e))?;
+    // The writer's handle is closed here; `persist` flushes the file through its own.
+    drop(written.map_err(|e| ConvertError::write(out, e))?);
     if cancelled() {
         return Err(ConvertError::Interrupted {
             path: out.to_path_buf(),
         });
     }
-    crate::sys::set_default_permissions(tmp.as_file()).map_err(|e| ConvertError::write(out, e))?;
-    tmp.persist(out)
-        .map_err(|e| ConvertError::write(out, e.error))?;
-    // Make the rename itself durable.
-    if let Ok(d) = File::open(&parent) {
-        let _ = d.sync_all();
-    }
+    partial.persist().map_err(|e| ConvertError::write(out, e))?;
     Ok(file_len)
 }

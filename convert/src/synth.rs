@@ -2,7 +2,9 @@
 //! memory without downloading weights.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use half::bf16;
 use rand::rngs::SmallRng;
@@ -14,6 +16,7 @@ use safetensors::tensor::{Dtype, View};
 use crate::error::ConvertError;
 use crate::gguf::GgufWriter;
 use crate::layout::{self, plan_types, Variant};
+use crate::partial::PartialFile;
 use crate::pipeline::falcon_metadata;
 use crate::rules::FileType;
 use crate::shapes::FalconShape;
@@ -50,12 +53,24 @@ fn seed_of(name: &str, seed: u64) -> u64 {
     })
 }
 
-/// Writes a synthetic GGUF of the given shape and file type directly (no checkpoint).
+/// Whether `cancel` was set; then the partial output is dropped and this error returned.
+fn check_cancel(cancel: Option<&AtomicBool>, out: &Path) -> Result<(), ConvertError> {
+    if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+        return Err(ConvertError::Interrupted {
+            path: out.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Writes a synthetic GGUF of the given shape and file type directly (no checkpoint). Setting
+/// `cancel` stops it with nothing left at `out`.
 pub fn write_gguf(
     shape: &FalconShape,
     file_type: FileType,
     out: &Path,
     seed: u64,
+    cancel: Option<&AtomicBool>,
 ) -> Result<u64, ConvertError> {
     let c = &shape.config;
     let mut plan = falcon_metadata(c, &format!("{} (synthetic)", shape.name), file_type);
@@ -68,17 +83,9 @@ pub fn write_gguf(
         plan.add_tensor(t);
     }
     let len = plan.file_len();
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".synth.")
-        .suffix(".partial")
-        .tempfile_in(parent)
-        .map_err(|e| ConvertError::write(out, e))?;
-    let file = tmp
-        .as_file()
+    let partial = PartialFile::create(out).map_err(|e| ConvertError::write(out, e))?;
+    let file = partial
+        .file()
         .try_clone()
         .map_err(|e| ConvertError::write(out, e))?;
     let mut w = GgufWriter::new(
@@ -93,6 +100,7 @@ pub fn write_gguf(
         let s = seed_of(&t.name, seed);
         let mut r0 = 0;
         while r0 < n_rows {
+            check_cancel(cancel, out)?;
             let r1 = (r0 + per).min(n_rows);
             let mut f = vec![0f32; (r1 - r0) * row_len];
             fill(&t.name, s, r0, row_len, &mut f);
@@ -103,10 +111,8 @@ pub fn write_gguf(
             r0 = r1;
         }
     }
-    w.finish().map_err(|e| ConvertError::write(out, e))?;
-    crate::sys::set_default_permissions(tmp.as_file()).map_err(|e| ConvertError::write(out, e))?;
-    tmp.persist(out)
-        .map_err(|e| ConvertError::write(out, e.error))?;
+    drop(w.finish().map_err(|e| ConvertError::write(out, e))?);
+    partial.persist().map_err(|e| ConvertError::write(out, e))?;
     Ok(len)
 }
 
@@ -149,12 +155,14 @@ impl View for LazyTensor {
 }
 
 /// Writes a synthetic Hugging Face checkpoint (config.json, tokenizer.json, bf16 safetensors in
-/// shards of at most `shard_bytes`) with the given shape.
+/// shards of at most `shard_bytes`) with the given shape. Each file appears only when complete;
+/// setting `cancel` stops before the next shard.
 pub fn write_checkpoint(
     shape: &FalconShape,
     dir: &Path,
     seed: u64,
     shard_bytes: u64,
+    cancel: Option<&AtomicBool>,
 ) -> Result<(), ConvertError> {
     let c = &shape.config;
     std::fs::create_dir_all(dir).map_err(|e| ConvertError::write(dir, e))?;
@@ -171,7 +179,12 @@ pub fn write_checkpoint(
         "torch_dtype": "bfloat16", "max_position_embeddings": c.max_position_embeddings,
     });
     let write = |name: &str, text: String| {
-        std::fs::write(dir.join(name), text).map_err(|e| ConvertError::write(&dir.join(name), e))
+        let path = dir.join(name);
+        let partial = PartialFile::create(&path).map_err(|e| ConvertError::write(&path, e))?;
+        let mut file = partial.file();
+        file.write_all(text.as_bytes())
+            .and_then(|()| partial.persist())
+            .map_err(|e| ConvertError::write(&path, e))
     };
     write(
         "config.json",
@@ -221,8 +234,14 @@ pub fn write_checkpoint(
             })
             .collect();
         let path = dir.join(&file);
-        safetensors::serialize_to_file(views, None, &path)
+        check_cancel(cancel, &path)?;
+        let partial = PartialFile::create(&path).map_err(|e| ConvertError::write(&path, e))?;
+        // Written through its path: the same file, still locked through `partial`'s handle.
+        safetensors::serialize_to_file(views, None, partial.path())
             .map_err(|e| ConvertError::write(&path, std::io::Error::other(e.to_string())))?;
+        partial
+            .persist()
+            .map_err(|e| ConvertError::write(&path, e))?;
     }
     if n > 1 {
         let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});

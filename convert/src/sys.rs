@@ -1,5 +1,8 @@
 //! The few operating-system facts the standard library does not give.
 
+use std::fs::File;
+use std::io;
+use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 /// Free bytes for an unprivileged writer on the file system holding `dir`, if it can be known.
@@ -36,4 +39,45 @@ pub fn set_default_permissions(file: &std::fs::File) -> std::io::Result<()> {
     #[allow(clippy::useless_conversion)]
     let mask = u32::from(mask);
     file.set_permissions(std::fs::Permissions::from_mode(0o666 & !mask))
+}
+
+/// Takes an exclusive `flock` on `file`, waiting for it. It is released when the file is closed
+/// (by every descriptor of it), including when the process dies.
+pub fn lock_exclusive(file: &File) -> io::Result<()> {
+    loop {
+        // SAFETY: flock on a descriptor `file` keeps open; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Takes an exclusive `flock` on `file` if no other open file holds one: `Ok(false)` when one
+/// does.
+pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    // SAFETY: as in `lock_exclusive`.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Whether `path` still names the file open as `file` (it was not removed or replaced).
+pub fn still_linked(file: &File, path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let open = file.metadata()?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => Ok(m.dev() == open.dev() && m.ino() == open.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }

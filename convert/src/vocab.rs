@@ -306,18 +306,12 @@ impl Vocab {
     pub fn add_to(&self, plan: &mut GgufPlan) {
         plan.set(keys::TOKENIZER_MODEL, Value::String("gpt2".into()));
         plan.set(keys::TOKENIZER_PRE, Value::String("falcon".into()));
-        plan.set(
-            keys::TOKENIZER_TOKENS,
-            Value::strings(self.tokens.iter().cloned()),
-        );
+        plan.set(keys::TOKENIZER_TOKENS, Value::strings(&self.tokens));
         plan.set(
             keys::TOKENIZER_TOKEN_TYPE,
             Value::i32s(self.types.iter().map(|&t| t as i32)),
         );
-        plan.set(
-            keys::TOKENIZER_MERGES,
-            Value::strings(self.merges.iter().cloned()),
-        );
+        plan.set(keys::TOKENIZER_MERGES, Value::strings(&self.merges));
         if let Some(b) = self.bos {
             plan.set(keys::TOKENIZER_BOS_ID, Value::U32(b));
         }

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use byteorder::{WriteBytesExt, LE};
 use convert::gguf::{
-    keys, validate_bytes, GgmlTypeInfo, GgufError, GgufPlan, GgufReader, GgufWriter, PlannedTensor,
-    Value, ValueType, DEFAULT_ALIGNMENT,
+    keys, validate_bytes, Array, GgmlTypeInfo, GgufError, GgufPlan, GgufReader, GgufWriter,
+    PlannedTensor, Strings, Value, ValueType, DEFAULT_ALIGNMENT,
 };
 use quant::QuantType;
 
@@ -79,15 +79,18 @@ fn all_value_types() -> Vec<(String, Value)> {
             Value::strings(["<|endoftext|>", "", "Ġthe", "日本"].map(String::from)),
         ),
         ("t.i32s".into(), Value::i32s([0, -1, i32::MAX, 42])),
-        ("t.empty_array".into(), Value::Array(ValueType::U8, vec![])),
-        (
-            "t.f32s".into(),
-            Value::Array(ValueType::F32, vec![Value::F32(0.5), Value::F32(-0.0)]),
-        ),
-        (
-            "t.bools".into(),
-            Value::Array(ValueType::Bool, vec![Value::Bool(false), Value::Bool(true)]),
-        ),
+        ("t.empty_array".into(), Value::from(Vec::<u8>::new())),
+        ("t.empty_strings".into(), Value::from(Strings::new())),
+        ("t.f32s".into(), Value::from(vec![0.5f32, -0.0])),
+        ("t.bools".into(), Value::from(vec![false, true])),
+        ("t.u8s".into(), Value::from(vec![0u8, 1, 255])),
+        ("t.i8s".into(), Value::from(vec![i8::MIN, -1, 7])),
+        ("t.u16s".into(), Value::from(vec![0xBEEFu16, 1])),
+        ("t.i16s".into(), Value::from(vec![i16::MIN, 2])),
+        ("t.u32s".into(), Value::from(vec![u32::MAX, 3])),
+        ("t.u64s".into(), Value::from(vec![u64::MAX, 4])),
+        ("t.i64s".into(), Value::from(vec![i64::MIN, 5])),
+        ("t.f64s".into(), Value::from(vec![f64::MIN_POSITIVE, -6.5])),
     ]
 }
 
@@ -305,12 +308,26 @@ fn round_trip_keeps_every_value_tensor_and_byte() {
     assert_eq!(r.get("t.u16").and_then(Value::as_u64), Some(0xBEEF));
     assert_eq!(r.get("t.i8").and_then(Value::as_u64), None);
     assert_eq!(
-        r.get("t.i32s").and_then(Value::as_array).map(<[_]>::len),
+        r.get("t.i32s").and_then(Value::as_array).map(Array::len),
         Some(4)
     );
     assert_eq!(
+        r.get("t.i32s")
+            .and_then(Value::as_array)
+            .and_then(|a| a.get(2)),
+        Some(Value::I32(i32::MAX))
+    );
+    let strings = r.get("t.strings").and_then(Value::as_array).unwrap();
+    assert_eq!(strings.element_type(), ValueType::String);
+    assert_eq!(
+        strings.as_strings().unwrap().iter().collect::<Vec<_>>(),
+        ["<|endoftext|>", "", "Ġthe", "日本"]
+    );
+    assert_eq!(strings.as_strings().unwrap().get(3), Some("日本"));
+    assert_eq!(strings.as_strings().unwrap().get(4), None);
+    assert_eq!(
         r.get("t.empty_array").and_then(Value::as_array),
-        Some(&[][..])
+        Some(&Array::U8(vec![]))
     );
 
     // Tensors: names, shapes, types, aligned offsets and data.
@@ -505,7 +522,19 @@ fn refuses_versions_1_and_4() {
 fn refuses_every_truncation_of_a_small_file() {
     let bytes = small_file();
     validate_bytes(&bytes).unwrap();
-    for len in 0..bytes.len() {
+    // The last tensor's data ends before the end of the file: its padding to 32 follows.
+    let f = write_temp(&bytes);
+    let r = GgufReader::open(f.path()).unwrap();
+    let last = r.tensors().last().unwrap();
+    let data_end = (last.offset + last.n_bytes) as usize;
+    assert_eq!((bytes.len() - data_end, bytes.len() % 32), (28, 0));
+    assert!(bytes[data_end..].iter().all(|&b| b == 0));
+    // Without that padding the file is still valid: llama.cpp maps files and reads no further
+    // than the last tensor's data, and files from writers that left it out still load.
+    for len in data_end..bytes.len() {
+        validate_bytes(&bytes[..len]).unwrap();
+    }
+    for len in 0..data_end {
         let err = validate_bytes(&bytes[..len])
             .err()
             .unwrap_or_else(|| panic!("a prefix of {len} of {} bytes was accepted", bytes.len()));
@@ -650,18 +679,70 @@ fn refuses_malformed_metadata_values() {
         .pad();
     assert_invalid(&refuse(&raw.0), &["metadata pair 0", "not valid UTF-8"]);
 
-    // Arrays of arrays of arrays.
+    // Arrays of arrays, which llama.cpp refuses.
     let raw = Raw::v3(0, 1)
         .string("deep")
         .u32(ValueType::Array as u32)
         .u32(ValueType::Array as u32)
         .u64(1)
-        .u32(ValueType::Array as u32)
-        .u64(1)
         .u32(ValueType::U8 as u32)
         .u64(0)
         .pad();
-    assert_invalid(&refuse(&raw.0), &["'deep'", "nests arrays too deeply"]);
+    assert_invalid(&refuse(&raw.0), &["'deep'", "array of arrays"]);
+
+    // A bool in an array that is neither 0 nor 1.
+    let raw = Raw::v3(0, 1)
+        .string("bools")
+        .u32(ValueType::Array as u32)
+        .u32(ValueType::Bool as u32)
+        .u64(3)
+        .bytes(&[1, 0, 7])
+        .pad();
+    assert_invalid(&refuse(&raw.0), &["'bools'", "bool of value 7 at index 2"]);
+
+    // A string of a string array that is not UTF-8.
+    let raw = Raw::v3(0, 1)
+        .string("tokens")
+        .u32(ValueType::Array as u32)
+        .u32(ValueType::String as u32)
+        .u64(2)
+        .string("ok")
+        .u64(2)
+        .bytes(&[0xC3, 0x28])
+        .pad();
+    assert_invalid(
+        &refuse(&raw.0),
+        &["'tokens'", "string 1 is not valid UTF-8"],
+    );
+
+    // One string of a string array longer than the file.
+    let raw = Raw::v3(0, 1)
+        .string("tokens")
+        .u32(ValueType::Array as u32)
+        .u32(ValueType::String as u32)
+        .u64(2)
+        .string("ok")
+        .u64(1000)
+        .bytes(b"abc")
+        .pad();
+    assert_truncated(&refuse(&raw.0), &["'tokens'"]);
+
+    // An empty key, which llama.cpp refuses.
+    let raw = Raw::v3(0, 2).kv_u32("a", 1).kv_u32("", 2).pad();
+    assert_invalid(&refuse(&raw.0), &["metadata pair 1 has an empty key"]);
+}
+
+#[test]
+fn refuses_a_tensor_name_longer_than_ggml_takes() {
+    let f32 = QuantType::F32.ggml_id();
+    let long = "x".repeat(64);
+    let bytes = one_tensor(&long, &[8], f32, 0, 32);
+    assert_invalid(
+        &refuse(&bytes),
+        &["tensor 0", "64 bytes long", "at most 63"],
+    );
+    let bytes = one_tensor(&long[..63], &[8], f32, 0, 32);
+    validate_bytes(&bytes).unwrap();
 }
 
 #[test]
@@ -844,6 +925,70 @@ fn refuses_overlapping_tensors() {
 }
 
 #[test]
+fn refuses_a_gap_before_or_between_tensors() {
+    let f32 = QuantType::F32.ggml_id();
+    // 8 floats (32 bytes) at 0, the next at 64: 32 bytes of nothing between them.
+    let raw = Raw::v3(3, 0)
+        .tensor("a", &[8], f32, 0)
+        .tensor("b", &[8], f32, 64)
+        .tensor("c", &[8], f32, 96)
+        .pad()
+        .data(128);
+    assert_invalid(
+        &refuse(&raw.0),
+        &["32 bytes lie between the data of tensors 'a' and 'b'"],
+    );
+    // The first tensor not at the start of the data section.
+    let raw = Raw::v3(1, 0).tensor("a", &[8], f32, 32).pad().data(64);
+    assert_invalid(
+        &refuse(&raw.0),
+        &[
+            "32 bytes lie between the start of the data section",
+            "tensor 'a'",
+        ],
+    );
+    // A row of padding more than the alignment needs.
+    let raw = Raw::v3(2, 0)
+        .tensor("a", &[3], f32, 0)
+        .tensor("b", &[8], f32, 64)
+        .pad()
+        .data(96);
+    assert_invalid(&refuse(&raw.0), &["tensors 'a' and 'b'"]);
+}
+
+#[test]
+fn refuses_tensors_out_of_order() {
+    let f32 = QuantType::F32.ggml_id();
+    // Back to back, but listed in the opposite order of their data.
+    let raw = Raw::v3(2, 0)
+        .tensor("a", &[8], f32, 32)
+        .tensor("b", &[8], f32, 0)
+        .pad()
+        .data(64);
+    assert_invalid(
+        &refuse(&raw.0),
+        &["tensor 'b' is out of order", "before that of 'a'"],
+    );
+}
+
+#[test]
+fn writer_pads_the_last_tensor() {
+    let mut plan = GgufPlan::new();
+    plan.add_tensor(tensor("a", &[3], QuantType::F32));
+    plan.add_tensor(tensor("b", &[5], QuantType::F32));
+    let bytes = write_in_chunks(&plan, &plan_data(&plan));
+    let data = plan.header_len() as usize;
+    // a: 12 bytes, 20 of padding; b: 20 bytes, 12 of padding.
+    assert_eq!(bytes.len(), data + 64);
+    assert_eq!(bytes.len() as u64, plan.file_len());
+    assert!(bytes[data + 12..data + 32].iter().all(|&b| b == 0));
+    assert!(bytes[data + 52..].iter().all(|&b| b == 0));
+    let f = write_temp(&bytes);
+    let r = GgufReader::open(f.path()).unwrap();
+    assert_eq!(r.tensor_data(r.tensor("b").unwrap()).len(), 20);
+}
+
+#[test]
 fn refuses_a_duplicate_tensor_name() {
     let f32 = QuantType::F32.ggml_id();
     let raw = Raw::v3(2, 0)
@@ -920,6 +1065,141 @@ fn many_keys_and_tensors_are_checked_in_linear_time() {
     validate_bytes(&raw.0).unwrap();
     let took = start.elapsed();
     assert!(took.as_secs() < 20, "{} bytes took {took:?}", raw.0.len());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory
+
+/// Set in the child processes of `validating_takes_memory_in_proportion_to_the_metadata`: the
+/// file to validate.
+const MEMORY_CHILD: &str = "CONVERT_GGUF_MEMORY_CHILD";
+
+/// What the test process takes before validating anything: code, thread stacks, buffers.
+const BASE_MEMORY: u64 = 64 << 20;
+
+/// Validates `path` in a child process (this test binary, running only the memory test) whose
+/// data segment (heap and private writable mappings; not the read-only mapping of the file) is
+/// limited to `limit` bytes. Returns whether it succeeded, and what it printed.
+fn validate_within(path: &Path, limit: u64) -> (bool, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "validating_takes_memory_in_proportion_to_the_metadata",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(MEMORY_CHILD, path)
+    // One malloc arena: the limit then measures the reader, not per-thread reserves.
+    .env("MALLOC_ARENA_MAX", "1");
+    // SAFETY: the closure runs in the forked child before exec and only calls setrlimit, which
+    // is async-signal-safe, with a struct on its own stack.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rl = libc::rlimit {
+                rlim_cur: limit as libc::rlim_t,
+                rlim_max: limit as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_DATA, &rl) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
+}
+
+/// The peak of this process's data segment, from /proc/self/status, in bytes.
+fn peak_data() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or(0)
+    };
+    kb("VmData:") * 1024
+}
+
+/// Regression: every array element became a 32-byte `Value`, so a file with a 1 GB `u8` array
+/// cost 32 GB before validation ended. Hostile files of three shapes (arrays of 10^8 elements,
+/// a million metadata pairs, a million tensors) are validated under a memory limit of a small
+/// multiple of their metadata.
+#[test]
+fn validating_takes_memory_in_proportion_to_the_metadata() {
+    if let Some(path) = std::env::var_os(MEMORY_CHILD) {
+        let r = GgufReader::open(Path::new(&path)).unwrap();
+        println!(
+            "validated {} pairs and {} tensors; data segment {} MB",
+            r.metadata().len(),
+            r.tensors().len(),
+            peak_data() >> 20
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f32 = QuantType::F32.ggml_id();
+
+    // 10^8 one-byte elements and 10^7 two-byte strings: 200 MB of metadata, which took 3.8 GB.
+    let mut arrays = GgufPlan::new();
+    arrays.set("big.u8", Value::from(vec![7u8; 100_000_000]));
+    arrays.set(
+        "big.strings",
+        Value::strings((0..10_000_000).map(|i| ["ab", "cd"][i % 2])),
+    );
+    let arrays = write_in_chunks(&arrays, &[]);
+
+    // A million one-byte metadata values and a million tensor infos.
+    let n = 1_000_000u64;
+    let mut keys = Raw::v3(0, n);
+    for i in 0..n {
+        keys = keys
+            .string(&format!("k.{i:07}"))
+            .u32(ValueType::U8 as u32)
+            .bytes(&[1]);
+    }
+    let keys = keys.pad().0;
+    let mut tensors = Raw::v3(n, 0);
+    for i in 0..n {
+        tensors = tensors.tensor(&format!("t.{i:07}"), &[8], f32, i * 32);
+    }
+    let tensors = tensors.pad().data(n as usize * 32).0;
+
+    // Measured: arrays take 1.0 byte per byte of metadata, pairs 5, tensor infos 4.1.
+    for (what, bytes, metadata, times_ten) in [
+        ("arrays", &arrays, arrays.len() as u64, 15),
+        ("metadata pairs", &keys, keys.len() as u64, 60),
+        ("tensors", &tensors, tensors.len() as u64 - n * 32, 60),
+    ] {
+        let path = dir.path().join("hostile.gguf");
+        std::fs::write(&path, bytes).unwrap();
+        let limit = BASE_MEMORY + metadata * times_ten / 10;
+        let (ok, out) = validate_within(&path, limit);
+        assert!(
+            ok,
+            "{what}: {metadata} bytes of metadata did not validate within {limit} bytes: {out}"
+        );
+        println!(
+            "{what}: {} MB of metadata validated within a limit of {} MB: {}",
+            metadata >> 20,
+            limit >> 20,
+            out.lines()
+                .find_map(|l| l.split_once("validated ").map(|x| x.1))
+                .unwrap_or("")
+        );
+    }
+    // The limit is real: the arrays do not fit in less than their size.
+    let path = dir.path().join("hostile.gguf");
+    std::fs::write(&path, &arrays).unwrap();
+    let (ok, _) = validate_within(&path, BASE_MEMORY + arrays.len() as u64 / 4);
+    assert!(!ok, "validated 200 MB of arrays within 114 MB");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,15 +5,16 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use anyhow::{Context, Result};
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use convert::{FalconShape, FileType, Options, Target};
 
 /// Convert a Hugging Face Falcon checkpoint (Falcon-7B, -40B, -180B or a fine-tune) into one
 /// quantized GGUF file that llama.cpp and every GGUF tool can run, in a single streaming pass.
 ///
-/// Exit status: 0 on success, 1 on any error (nothing is left at the destination), 130 when
-/// interrupted.
+/// Exit status: 0 on success, 1 on any error (nothing is left at the destination), 2 on a usage
+/// error, 130 when interrupted (Ctrl-C, SIGTERM).
 #[derive(Debug, Parser)]
 #[command(
     name = "falcon-quantize",
@@ -52,7 +53,7 @@ pub struct TypeArgs {
     #[arg(long = "type", value_name = "TYPE", value_parser = parse_file_type)]
     pub r#type: Option<FileType>,
     /// Worker threads (default: one per core).
-    #[arg(short, long)]
+    #[arg(short, long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     pub threads: Option<usize>,
     /// Print nothing but errors.
     #[arg(short, long)]
@@ -80,7 +81,7 @@ pub struct SynthArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Keep only the first N layers (smaller files with the real widths, for quick tests).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub layers: Option<u64>,
     /// Shard size of a checkpoint, in GB.
     #[arg(long, default_value_t = 5)]
@@ -101,32 +102,34 @@ impl TypeArgs {
             None => Target::Bits(self.bits.parse().expect("validated by clap")),
         }
     }
-
-    fn pool(&self) -> Result<()> {
-        if let Some(n) = self.threads {
-            if n == 0 {
-                bail!("--threads must be at least 1");
-            }
-        }
-        Ok(())
-    }
 }
 
-/// Runs the command; returns the process exit code.
+/// A usage error found after parsing, as clap reports its own: the binary prints it with the
+/// usage line and exits with status 2.
+fn usage(kind: ErrorKind, message: impl std::fmt::Display) -> anyhow::Error {
+    Cli::command().error(kind, message).into()
+}
+
+/// Runs the command. Usage errors are `clap::Error`s.
 pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
     match cli.command {
-        Some(Command::Synth(args)) => synth(args),
+        Some(Command::Synth(args)) => synth(args, &cancel),
         None => convert_checkpoint(cli.convert, cancel),
     }
 }
 
 fn convert_checkpoint(args: ConvertArgs, cancel: Arc<AtomicBool>) -> Result<()> {
-    args.common.pool()?;
     let Some(dir) = args.model_dir else {
-        bail!("no checkpoint directory given; usage: falcon-quantize <MODEL_DIR> -o <OUT.gguf>")
+        return Err(usage(
+            ErrorKind::MissingRequiredArgument,
+            "no checkpoint directory given: falcon-quantize <MODEL_DIR> -o <OUT.gguf>",
+        ));
     };
     let Some(out) = args.output else {
-        bail!("no output file given; add -o <OUT.gguf>")
+        return Err(usage(
+            ErrorKind::MissingRequiredArgument,
+            "no output file given: add -o <OUT.gguf>",
+        ));
     };
     let show = !args.common.quiet && std::io::stderr().is_terminal();
     let bar = show.then(|| {
@@ -182,12 +185,17 @@ fn convert_checkpoint(args: ConvertArgs, cancel: Arc<AtomicBool>) -> Result<()> 
     Ok(())
 }
 
-fn synth(args: SynthArgs) -> Result<()> {
-    args.common.pool()?;
+fn synth(args: SynthArgs, cancel: &AtomicBool) -> Result<()> {
     let mut shape = FalconShape::named(&args.shape).expect("validated by clap");
     if let Some(n) = args.layers {
-        if n == 0 || n > shape.config.n_layer {
-            bail!("--layers must be between 1 and {}", shape.config.n_layer);
+        if n > shape.config.n_layer {
+            return Err(usage(
+                ErrorKind::ValueValidation,
+                format!(
+                    "--layers {n} is more than the {} layers of {}",
+                    shape.config.n_layer, shape.name
+                ),
+            ));
         }
         shape.config.n_layer = n;
     }
@@ -204,7 +212,7 @@ fn synth(args: SynthArgs) -> Result<()> {
             Target::Type(t) => t,
             Target::Bits(b) => FileType::for_bits(b, shape.config.hidden_size).expect("4 or 8"),
         };
-        let bytes = convert::synth::write_gguf(&shape, ft, &args.output, args.seed)
+        let bytes = convert::synth::write_gguf(&shape, ft, &args.output, args.seed, Some(cancel))
             .with_context(|| format!("writing {}", args.output.display()))?;
         if !args.common.quiet {
             eprintln!(
@@ -217,8 +225,14 @@ fn synth(args: SynthArgs) -> Result<()> {
             );
         }
     } else {
-        convert::synth::write_checkpoint(&shape, &args.output, args.seed, args.shard_gb << 30)
-            .with_context(|| format!("writing {}", args.output.display()))?;
+        convert::synth::write_checkpoint(
+            &shape,
+            &args.output,
+            args.seed,
+            args.shard_gb << 30,
+            Some(cancel),
+        )
+        .with_context(|| format!("writing {}", args.output.display()))?;
         if !args.common.quiet {
             eprintln!(
                 "wrote a bf16 {} checkpoint to {} in {:.1} s",
@@ -244,7 +258,6 @@ pub fn human_bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_definition_is_consistent() {

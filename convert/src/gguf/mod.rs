@@ -10,7 +10,7 @@ mod value;
 mod writer;
 
 pub use reader::{validate_bytes, GgmlTypeInfo, GgufError, GgufReader, TensorInfo};
-pub use value::{Value, ValueType};
+pub use value::{Array, Strings, Value, ValueType};
 pub use writer::{GgufPlan, GgufWriter, PlannedTensor};
 
 /// The four bytes every GGUF file starts with.

@@ -1,7 +1,11 @@
 //! A GGUF reader that trusts nothing: every count, string length, type id, dimension, offset
 //! and size is checked against the file length before it is used.
+//!
+//! Memory is bounded by the metadata's size: arrays are kept typed (one `Vec` per element type,
+//! strings as one buffer), so validating a file takes about one byte per byte of array, and at
+//! most about six per byte of metadata of any shape (a million one-byte values or tensor infos),
+//! never anything in proportion to a count the file merely claims.
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -9,13 +13,14 @@ use memmap2::Mmap;
 use quant::QuantType;
 
 use super::keys;
-use super::value::{Value, ValueType};
+use super::value::{Array, Strings, Value, ValueType};
 use super::{align_up, DEFAULT_ALIGNMENT, MAGIC};
 
 /// Limits that keep a hostile header from making us allocate without bound.
 const MAX_DIMS: u32 = 4;
 const MAX_STRING: u64 = 1 << 24;
-const MAX_ARRAY_DEPTH: u32 = 2;
+/// ggml's `GGML_MAX_NAME`: tensor names are at most 63 bytes.
+const MAX_NAME: u64 = 63;
 
 /// Why a GGUF file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -187,12 +192,7 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    fn value(
-        &mut self,
-        ty: ValueType,
-        depth: u32,
-        what: &dyn Fn() -> String,
-    ) -> Result<Value, GgufError> {
+    fn value(&mut self, ty: ValueType, what: &dyn Fn() -> String) -> Result<Value, GgufError> {
         if let Some(size) = ty.scalar_size() {
             let b = self.take(size as u64, what)?;
             return Ok(match ty {
@@ -215,35 +215,114 @@ impl<'a> Cursor<'a> {
         }
         match ty {
             ValueType::String => Ok(Value::String(self.string(what)?)),
-            ValueType::Array => {
-                if depth >= MAX_ARRAY_DEPTH {
-                    return Err(self.invalid(format!("{} nests arrays too deeply", what())));
-                }
-                let elem_id = self.u32(what)?;
-                let elem = ValueType::from_id(elem_id).ok_or_else(|| {
-                    self.invalid(format!("{} has an unknown element type {elem_id}", what()))
-                })?;
-                let count = self.u64(what)?;
-                // Every element takes at least one byte: a count larger than what is left is a lie.
-                let left = self.buf.len() as u64 - self.pos;
-                let min_elem = elem.scalar_size().unwrap_or(8) as u64;
-                if count.saturating_mul(min_elem) > left {
-                    return Err(GgufError::Truncated {
-                        path: self.path.to_path_buf(),
-                        what: format!("{} (an array of {count} elements)", what()),
-                        offset: self.pos,
-                        len: self.buf.len() as u64,
-                    });
-                }
-                let mut items = Vec::with_capacity(count as usize);
-                for _ in 0..count {
-                    items.push(self.value(elem, depth + 1, what)?);
-                }
-                Ok(Value::Array(elem, items))
-            }
+            ValueType::Array => Ok(Value::Array(self.array(what)?)),
             _ => unreachable!("scalars handled above"),
         }
     }
+
+    /// An array, kept typed: its elements cost what they take in the file (a string array, the
+    /// text plus one `usize` per string where the file has a `u64` length).
+    fn array(&mut self, what: &dyn Fn() -> String) -> Result<Array, GgufError> {
+        let elem_id = self.u32(what)?;
+        let elem = ValueType::from_id(elem_id).ok_or_else(|| {
+            self.invalid(format!("{} has an unknown element type {elem_id}", what()))
+        })?;
+        let count = self.u64(what)?;
+        // Every element takes at least its scalar size (a string or array, its 8-byte length):
+        // a count larger than what is left is a lie.
+        let left = self.buf.len() as u64 - self.pos;
+        let min_elem = elem.scalar_size().unwrap_or(8) as u64;
+        if count.saturating_mul(min_elem) > left {
+            return Err(GgufError::Truncated {
+                path: self.path.to_path_buf(),
+                what: format!("{} (an array of {count} elements)", what()),
+                offset: self.pos,
+                len: self.buf.len() as u64,
+            });
+        }
+        // Fits in memory: `count` elements of at least one byte each are in the file.
+        let n = count as usize;
+        let Some(size) = elem.scalar_size() else {
+            return match elem {
+                ValueType::String => Ok(Array::String(self.strings(n, what)?)),
+                _ => Err(self.invalid(format!(
+                    "{} is an array of arrays, which GGUF readers (llama.cpp's included) refuse",
+                    what()
+                ))),
+            };
+        };
+        let b = self.take(count * size as u64, what)?;
+        macro_rules! le {
+            ($t:ty, $variant:ident) => {
+                Array::$variant(
+                    b.chunks_exact(std::mem::size_of::<$t>())
+                        .map(|c| <$t>::from_le_bytes(c.try_into().expect("element size")))
+                        .collect(),
+                )
+            };
+        }
+        Ok(match elem {
+            ValueType::U8 => Array::U8(b.to_vec()),
+            ValueType::I8 => Array::I8(b.iter().map(|&x| x as i8).collect()),
+            ValueType::Bool => {
+                if let Some(i) = b.iter().position(|&x| x > 1) {
+                    return Err(self.invalid(format!(
+                        "{} holds a bool of value {} at index {i}",
+                        what(),
+                        b[i]
+                    )));
+                }
+                Array::Bool(b.iter().map(|&x| x == 1).collect())
+            }
+            ValueType::U16 => le!(u16, U16),
+            ValueType::I16 => le!(i16, I16),
+            ValueType::U32 => le!(u32, U32),
+            ValueType::I32 => le!(i32, I32),
+            ValueType::F32 => le!(f32, F32),
+            ValueType::U64 => le!(u64, U64),
+            ValueType::I64 => le!(i64, I64),
+            ValueType::F64 => le!(f64, F64),
+            ValueType::String | ValueType::Array => unreachable!("not scalars"),
+        })
+    }
+
+    /// `n` strings, into one buffer sized by a first pass over their lengths.
+    fn strings(&mut self, n: usize, what: &dyn Fn() -> String) -> Result<Strings, GgufError> {
+        let start = self.pos;
+        let mut text_len = 0u64;
+        for _ in 0..n {
+            let len = self.u64(what)?;
+            if len > MAX_STRING {
+                return Err(self.invalid(format!("{} has a string length of {len} bytes", what())));
+            }
+            self.take(len, what)?;
+            text_len += len;
+        }
+        self.pos = start;
+        // Both fit: the text and the lengths are in the file.
+        let mut out = Strings::with_capacity(n, text_len as usize);
+        for i in 0..n {
+            let len = self.u64(what)?;
+            let bytes = self.take(len, what)?;
+            let s = std::str::from_utf8(bytes)
+                .map_err(|_| self.invalid(format!("{}: string {i} is not valid UTF-8", what())))?;
+            out.push(s);
+        }
+        Ok(out)
+    }
+}
+
+/// The first item (in file order) whose name an earlier item already has, found by sorting
+/// indices (8 bytes each) rather than building a set of copies of the names.
+fn first_duplicate<T>(items: &[T], name: impl Fn(&T) -> &str) -> Option<&T> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_unstable_by(|&a, &b| name(&items[a]).cmp(name(&items[b])).then(a.cmp(&b)));
+    order
+        .windows(2)
+        .filter(|w| name(&items[w[0]]) == name(&items[w[1]]))
+        .map(|w| w[1])
+        .min()
+        .map(|i| &items[i])
 }
 
 impl GgufReader {
@@ -288,20 +367,21 @@ impl GgufReader {
         }
 
         let mut kvs: Vec<(String, Value)> = Vec::with_capacity(n_kv as usize);
-        // Sets, not scans of what was read: a hostile file may hold millions of keys or tensors.
-        let mut seen_keys = HashSet::new();
         for i in 0..n_kv {
             let key = c.string(&|| format!("the key of metadata pair {i}"))?;
+            if key.is_empty() {
+                return Err(c.invalid(format!("metadata pair {i} has an empty key")));
+            }
             let what = || format!("metadata value '{key}'");
             let ty_id = c.u32(&what)?;
             let ty = ValueType::from_id(ty_id).ok_or_else(|| {
                 c.invalid(format!("metadata '{key}' has an unknown type id {ty_id}"))
             })?;
-            let value = c.value(ty, 0, &what)?;
-            if !seen_keys.insert(key.clone()) {
-                return Err(c.invalid(format!("metadata key '{key}' appears twice")));
-            }
+            let value = c.value(ty, &what)?;
             kvs.push((key, value));
+        }
+        if let Some((key, _)) = first_duplicate(&kvs, |(k, _)| k) {
+            return Err(c.invalid(format!("metadata key '{key}' appears twice")));
         }
 
         let alignment = match kvs.iter().find(|(k, _)| k == keys::GENERAL_ALIGNMENT) {
@@ -315,9 +395,14 @@ impl GgufReader {
         };
 
         let mut raw = Vec::with_capacity(n_tensors as usize);
-        let mut seen_names = HashSet::new();
         for i in 0..n_tensors {
             let name = c.string(&|| format!("the name of tensor {i}"))?;
+            if name.len() as u64 > MAX_NAME {
+                return Err(c.invalid(format!(
+                    "the name of tensor {i} is {} bytes long; ggml takes at most {MAX_NAME}",
+                    name.len()
+                )));
+            }
             let what = || format!("the info of tensor '{name}'");
             let n_dims = c.u32(&what)?;
             if n_dims == 0 || n_dims > MAX_DIMS {
@@ -354,9 +439,6 @@ impl GgufReader {
                     "tensor '{name}' starts at offset {offset}, not a multiple of {alignment}"
                 )));
             }
-            if !seen_names.insert(name.clone()) {
-                return Err(c.invalid(format!("tensor '{name}' appears twice")));
-            }
             raw.push(TensorInfo {
                 name,
                 dims,
@@ -391,19 +473,10 @@ impl GgufReader {
                 }
             }
         }
-        let mut by_offset: Vec<&TensorInfo> = tensors.iter().collect();
-        by_offset.sort_by_key(|t| t.offset);
-        for pair in by_offset.windows(2) {
-            if pair[0].offset + pair[0].n_bytes > pair[1].offset {
-                return Err(GgufError::Invalid {
-                    path: path.into(),
-                    what: format!(
-                        "the data of tensors '{}' and '{}' overlap",
-                        pair[0].name, pair[1].name
-                    ),
-                });
-            }
+        if let Some(t) = first_duplicate(&tensors, |t| &t.name) {
+            return Err(c.invalid(format!("tensor '{}' appears twice", t.name)));
         }
+        check_layout(path, &tensors, alignment, data_offset)?;
         Ok(GgufReader {
             path: path.to_path_buf(),
             map,
@@ -461,6 +534,65 @@ impl GgufReader {
     pub fn tensor_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.n_bytes).sum()
     }
+}
+
+/// Tensor data must follow one another in the order of the tensor infos, each padded to the
+/// alignment: what llama.cpp's `gguf_init_from_file` requires (its data section is the padded
+/// sizes added up). A gap, an overlap or a tensor out of order is refused, naming the tensors.
+/// The last tensor's padding may be missing (older writers left it out; llama.cpp maps the file
+/// and does not read it).
+fn check_layout(
+    path: &Path,
+    tensors: &[TensorInfo],
+    alignment: u64,
+    data_offset: u64,
+) -> Result<(), GgufError> {
+    let invalid = |what: String| GgufError::Invalid {
+        path: path.into(),
+        what,
+    };
+    // Overlaps first, in offset order, so that two tensors sharing bytes are named as such
+    // whatever order they are listed in.
+    let mut by_offset: Vec<&TensorInfo> = tensors.iter().collect();
+    by_offset.sort_by_key(|t| t.offset);
+    for pair in by_offset.windows(2) {
+        // Both ends were checked against the file length: no overflow.
+        if pair[0].offset + pair[0].n_bytes > pair[1].offset {
+            return Err(invalid(format!(
+                "the data of tensors '{}' and '{}' overlap",
+                pair[0].name, pair[1].name
+            )));
+        }
+    }
+    for pair in tensors.windows(2) {
+        let (p, t) = (&pair[0], &pair[1]);
+        if t.offset < p.offset {
+            return Err(invalid(format!(
+                "tensor '{}' is out of order: its data (at byte {}) comes before that of '{}' (at byte {}), which is listed before it",
+                t.name, t.offset, p.name, p.offset
+            )));
+        }
+    }
+    let mut expected = data_offset;
+    let mut previous: Option<&TensorInfo> = None;
+    for t in tensors {
+        if t.offset != expected {
+            let gap = t.offset - expected;
+            return Err(invalid(match previous {
+                Some(p) => format!(
+                    "{gap} bytes lie between the data of tensors '{}' and '{}' (at byte {expected}): tensor data must follow one another",
+                    p.name, t.name
+                ),
+                None => format!(
+                    "{gap} bytes lie between the start of the data section (byte {data_offset}) and tensor '{}': tensor data must follow one another",
+                    t.name
+                ),
+            }));
+        }
+        expected = align_up(t.offset + t.n_bytes, alignment);
+        previous = Some(t);
+    }
+    Ok(())
 }
 
 /// Parses GGUF bytes already in memory (used by the fuzz target and tests).

@@ -96,10 +96,14 @@ impl GgufPlan {
             .collect()
     }
 
-    /// Size of the whole file.
+    /// Size of the whole file: the header, then every tensor padded to the alignment, the last
+    /// one included (as llama.cpp's writers do).
     pub fn file_len(&self) -> u64 {
         let data: u64 = match self.tensors.last() {
-            Some(last) => self.offsets().last().copied().unwrap_or(0) + last.n_bytes(),
+            Some(last) => align_up(
+                self.offsets().last().copied().unwrap_or(0) + last.n_bytes(),
+                self.alignment,
+            ),
             None => 0,
         };
         self.header_len() + data
@@ -161,8 +165,9 @@ impl<W: Write> GgufWriter<W> {
         &self.plan
     }
 
-    /// Appends bytes of the current tensor; moves to the next tensor (padding) when it is complete.
-    /// Bytes beyond the current tensor are an error: each call feeds one tensor.
+    /// Appends bytes of the current tensor; pads it to the alignment and moves to the next tensor
+    /// when it is complete. Bytes beyond the current tensor are an error: each call feeds one
+    /// tensor.
     pub fn write_tensor_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
         if bytes.len() as u64 > self.remaining {
             return Err(io::Error::new(
@@ -178,12 +183,12 @@ impl<W: Write> GgufWriter<W> {
         self.written += bytes.len() as u64;
         self.remaining -= bytes.len() as u64;
         while self.remaining == 0 && self.current < self.plan.tensors.len() {
+            let pad = align_up(self.written, self.plan.alignment) - self.written;
+            self.out.write_all(&vec![0u8; pad as usize])?;
+            self.written += pad;
             self.current += 1;
-            if self.current < self.plan.tensors.len() {
-                let pad = align_up(self.written, self.plan.alignment) - self.written;
-                self.out.write_all(&vec![0u8; pad as usize])?;
-                self.written += pad;
-                self.remaining = self.plan.tensors[self.current].n_bytes();
+            if let Some(next) = self.plan.tensors.get(self.current) {
+                self.remaining = next.n_bytes();
             }
         }
         Ok(())

@@ -81,6 +81,7 @@ fn install_signal_handlers() {
     // its partial file); a second one ends the process at once, removing partial files first.
     let _ = ctrlc::set_handler(|| {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            convert::partial::remove_all();
             std::process::exit(130);
         }
     });
