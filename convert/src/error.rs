@@ -76,6 +76,8 @@ pub enum ConvertError {
     Gguf(#[from] GgufError),
     #[error("quantization failed: {0}")]
     Quant(#[from] quant::QuantError),
+    #[error(transparent)]
+    Adapter(#[from] crate::adapter::AdapterError),
 }
 
 fn write_hint(e: &std::io::Error) -> &'static str {

@@ -17,11 +17,13 @@
 //! # Ok::<(), convert::ConvertError>(())
 //! ```
 
+pub mod adapter;
 pub mod checkpoint;
 pub mod config;
 mod error;
 pub mod falcon;
 pub mod gguf;
+mod output;
 mod pipeline;
 pub mod rules;
 pub mod shapes;

@@ -64,6 +64,31 @@ pub enum Command {
     /// Write a random-weight checkpoint or GGUF with the real shapes of Falcon-7B, -40B or -180B,
     /// to measure speed and memory without downloading weights.
     Synth(SynthArgs),
+    /// Convert a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into a GGUF
+    /// LoRA adapter that llama.cpp applies at run time on a GGUF of its base model.
+    Lora(LoraArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoraArgs {
+    /// PEFT adapter directory, as peft's save_pretrained writes it: adapter_config.json and
+    /// adapter_model.safetensors.
+    pub adapter_dir: PathBuf,
+    /// The base model the adapter was trained on: its checkpoint directory (config.json is
+    /// enough unless the adapter replaces lm_head) or a GGUF file made from it. Every shape of
+    /// the adapter is checked against it.
+    #[arg(long, value_name = "CHECKPOINT|GGUF")]
+    pub base: PathBuf,
+    /// Output GGUF adapter file. Written to a temporary file beside it and renamed when complete.
+    #[arg(short, long, value_name = "OUT.gguf")]
+    pub output: PathBuf,
+    /// Tensor type: f32, f16, bf16 or q8_0 (q8_0 writes tensors whose rows are not a multiple of
+    /// 32 values, such as lora_b of a small rank, as f16).
+    #[arg(long = "type", value_name = "TYPE", default_value = "f32", value_parser = parse_adapter_type)]
+    pub r#type: FileType,
+    /// Print nothing but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +110,12 @@ pub struct SynthArgs {
     /// Shard size of a checkpoint, in GB.
     #[arg(long, default_value_t = 5)]
     pub shard_gb: u64,
+}
+
+fn parse_adapter_type(s: &str) -> Result<FileType, String> {
+    FileType::from_name(s)
+        .filter(|t| convert::adapter::EXPORT_TYPES.contains(t))
+        .ok_or_else(|| format!("an adapter is written as f32, f16, bf16 or q8_0, not '{s}'"))
 }
 
 fn parse_file_type(s: &str) -> Result<FileType, String> {
@@ -116,6 +147,7 @@ impl TypeArgs {
 pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
     match cli.command {
         Some(Command::Synth(args)) => synth(args),
+        Some(Command::Lora(args)) => lora(args, cancel),
         None => convert_checkpoint(cli.convert, cancel),
     }
 }
@@ -227,6 +259,41 @@ fn synth(args: SynthArgs) -> Result<()> {
                 start.elapsed().as_secs_f64()
             );
         }
+    }
+    Ok(())
+}
+
+fn lora(args: LoraArgs, cancel: Arc<AtomicBool>) -> Result<()> {
+    let opts = convert::adapter::ExportOptions {
+        file_type: args.r#type,
+        cancel: Some(cancel),
+    };
+    let s = convert::adapter::export_lora(&args.adapter_dir, &args.base, &args.output, &opts)?;
+    if !args.quiet {
+        let mut notes = Vec::new();
+        if s.n_rescaled > 0 {
+            notes.push(format!(
+                "{} with their rsLoRA/rank_pattern/alpha_pattern scale folded into lora_b",
+                s.n_rescaled
+            ));
+        }
+        if !s.replaced.is_empty() {
+            notes.push(format!("replacing {}", s.replaced.join(", ")));
+        }
+        let notes = if notes.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", notes.join("; "))
+        };
+        eprintln!(
+            "wrote {}: LoRA adapter, {}, {} modules{notes}, alpha {}, {} tensors, {}",
+            s.path.display(),
+            args.r#type.name(),
+            s.n_modules,
+            s.alpha,
+            s.n_tensors,
+            human_bytes(s.bytes),
+        );
     }
     Ok(())
 }

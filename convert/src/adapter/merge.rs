@@ -1,0 +1,260 @@
+//! Adapters merged into the base weights while they are converted: each targeted weight
+//! becomes `W + Σ scale · s · B·A` in f32, computed for the rows being converted only (never
+//! the whole product), with the rows of `B` taken in the same (regrouped) order as the base's.
+
+use std::ops::Range;
+use std::path::PathBuf;
+
+use rayon::prelude::*;
+
+use super::error::AdapterError;
+use super::modules::Linear;
+use super::peft::{PeftAdapter, SavedModule, SavedTensor, TensorRef};
+use crate::config::FalconConfig;
+
+/// `--lora DIR[:SCALE]`: an adapter directory and the user's scale (1 by default).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSpec {
+    pub dir: PathBuf,
+    pub scale: f32,
+}
+
+impl LoraSpec {
+    /// Parses `DIR` or `DIR:SCALE` (the part after the last `:` is a scale only when it reads
+    /// as a number, so directories whose names hold a colon still work).
+    pub fn parse(s: &str) -> Result<LoraSpec, String> {
+        if let Some((dir, scale)) = s.rsplit_once(':') {
+            if let Ok(scale) = scale.parse::<f32>() {
+                if !scale.is_finite() {
+                    return Err(format!("the scale of {s:?} is not a finite number"));
+                }
+                if dir.is_empty() {
+                    return Err(format!("{s:?} has a scale but no adapter directory"));
+                }
+                return Ok(LoraSpec {
+                    dir: dir.into(),
+                    scale,
+                });
+            }
+        }
+        Ok(LoraSpec {
+            dir: s.into(),
+            scale: 1.0,
+        })
+    }
+}
+
+/// One adapter merged into a model, as recorded in its metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MergedAdapter {
+    /// The adapter directory's name.
+    pub name: String,
+    pub scale: f32,
+    /// [`PeftAdapter::sha256`].
+    pub sha256: String,
+}
+
+/// The adapters of one conversion, opened and checked against the base.
+#[derive(Debug)]
+pub struct Merge {
+    pub adapters: Vec<(PeftAdapter, f32)>,
+}
+
+impl Merge {
+    /// Opens every adapter and checks it against `base`.
+    pub fn open(specs: &[LoraSpec], base: &FalconConfig) -> Result<Merge, AdapterError> {
+        let adapters = specs
+            .iter()
+            .map(|s| Ok((PeftAdapter::open(&s.dir, base)?, s.scale)))
+            .collect::<Result<_, AdapterError>>()?;
+        Ok(Merge { adapters })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.adapters.is_empty()
+    }
+
+    /// What to record in the output's metadata.
+    pub fn records(&self) -> Result<Vec<MergedAdapter>, AdapterError> {
+        self.adapters
+            .iter()
+            .map(|(a, scale)| {
+                Ok(MergedAdapter {
+                    name: a.name(),
+                    scale: *scale,
+                    sha256: a.sha256()?,
+                })
+            })
+            .collect()
+    }
+
+    /// The replacement of `module` (the last adapter that has one wins, as loading adapters one
+    /// after the other would), with the adapter it comes from.
+    pub fn saved(&self, module: &SavedModule) -> Option<(&PeftAdapter, &SavedTensor)> {
+        self.adapters
+            .iter()
+            .rev()
+            .find_map(|(a, _)| a.saved(module).map(|s| (a, s)))
+    }
+
+    /// The contributions to `linear` of block `layer`, with each `A` read into memory
+    /// (`rank × in_features` floats), or `None` when no adapter targets it.
+    pub fn delta(&self, layer: u64, linear: Linear) -> Result<Option<Delta<'_>>, AdapterError> {
+        let mut terms = Vec::new();
+        for (adapter, scale) in &self.adapters {
+            if let Some(m) = adapter.module(layer, linear) {
+                terms.push(Term {
+                    adapter,
+                    b: &m.b,
+                    a: adapter.tensor_f32(&m.a)?,
+                    rank: m.rank() as usize,
+                    coef: (f64::from(*scale) * m.scale.scale) as f32,
+                });
+            }
+        }
+        Ok((!terms.is_empty()).then_some(Delta { terms }))
+    }
+}
+
+#[derive(Debug)]
+struct Term<'a> {
+    adapter: &'a PeftAdapter,
+    b: &'a TensorRef,
+    /// `[rank, in_features]`, row-major.
+    a: Vec<f32>,
+    rank: usize,
+    /// The user's scale times peft's.
+    coef: f32,
+}
+
+/// The adapters' contribution to one weight.
+#[derive(Debug)]
+pub struct Delta<'a> {
+    terms: Vec<Term<'a>>,
+}
+
+impl Delta<'_> {
+    /// Adds `Σ coef · B[src(r)] · A` to `rows`, the output rows `out_rows` of the weight
+    /// (`row_len` = in_features values each); `src` maps an output row to the checkpoint row it
+    /// is converted from (the QKV regrouping). Reads only the rows of `B` needed.
+    pub fn add_to(
+        &self,
+        rows: &mut [f32],
+        row_len: usize,
+        out_rows: Range<usize>,
+        src: impl Fn(usize) -> usize + Sync,
+    ) -> Result<(), AdapterError> {
+        debug_assert_eq!(rows.len(), out_rows.len() * row_len);
+        for t in &self.terms {
+            debug_assert_eq!(t.a.len(), t.rank * row_len);
+            // B's rows for these output rows, scaled: small (rows × rank).
+            let mut b = Vec::with_capacity(out_rows.len() * t.rank);
+            for r in out_rows.clone() {
+                let s = src(r);
+                b.extend(t.adapter.rows_f32(t.b, s..s + 1)?);
+            }
+            b.iter_mut().for_each(|v| *v *= t.coef);
+            rows.par_chunks_mut(row_len)
+                .zip(b.par_chunks(t.rank))
+                .for_each(|(row, coefs)| {
+                    for (k, &c) in coefs.iter().enumerate() {
+                        if c != 0.0 {
+                            let a = &t.a[k * row_len..(k + 1) * row_len];
+                            row.iter_mut().zip(a).for_each(|(w, &x)| *w += c * x);
+                        }
+                    }
+                });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn spec_parsing() {
+        assert_eq!(
+            LoraSpec::parse("a/b").unwrap(),
+            LoraSpec {
+                dir: "a/b".into(),
+                scale: 1.0
+            }
+        );
+        assert_eq!(
+            LoraSpec::parse("a/b:0.5").unwrap(),
+            LoraSpec {
+                dir: "a/b".into(),
+                scale: 0.5
+            }
+        );
+        assert_eq!(
+            LoraSpec::parse("c:d").unwrap(),
+            LoraSpec {
+                dir: "c:d".into(),
+                scale: 1.0
+            }
+        );
+        assert_eq!(LoraSpec::parse("x:-2").unwrap().scale, -2.0);
+        assert!(LoraSpec::parse(":2").is_err());
+        assert!(LoraSpec::parse("x:inf").is_err());
+    }
+
+    /// The merged rows equal W + scale·s·B·A computed naively, with B's rows regrouped.
+    #[test]
+    fn delta_rows_are_the_product_of_regrouped_b_rows_and_a() {
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        let cfg = FalconConfig::from_dir(&models.join("tiny-40b-style")).unwrap();
+        let specs = [LoraSpec {
+            dir: models.join("lora-tiny-40b-patterns"),
+            scale: 0.5,
+        }];
+        let merge = Merge::open(&specs, &cfg).unwrap();
+        let (adapter, _) = &merge.adapters[0];
+        let m = adapter.module(1, Linear::QueryKeyValue).unwrap();
+        let a = adapter.tensor_f32(&m.a).unwrap();
+        let b = adapter.tensor_f32(&m.b).unwrap();
+        let (out, inp, rank) = (
+            m.b.shape[0] as usize,
+            m.a.shape[1] as usize,
+            m.rank() as usize,
+        );
+        let src = |r: usize| {
+            crate::falcon::qkv_source_row(r as u64, cfg.n_head, cfg.n_head_kv, cfg.head_dim())
+                as usize
+        };
+        let delta = merge.delta(1, Linear::QueryKeyValue).unwrap().unwrap();
+        // Rows 100..300 of the output, starting from ones.
+        let rows = 100..300;
+        let mut got = vec![1f32; rows.len() * inp];
+        delta.add_to(&mut got, inp, rows.clone(), src).unwrap();
+        let coef = 0.5 * m.scale.scale;
+        for (i, r) in rows.enumerate() {
+            for j in 0..inp {
+                let want = 1.0
+                    + coef
+                        * (0..rank)
+                            .map(|k| f64::from(b[src(r) * rank + k]) * f64::from(a[k * inp + j]))
+                            .sum::<f64>();
+                let g = f64::from(got[i * inp + j]);
+                assert!(
+                    (g - want).abs() < 1e-5 * want.abs().max(1.0),
+                    "row {r} col {j}: {g} vs {want}"
+                );
+            }
+        }
+        assert!(out > 300);
+        // Untargeted modules have no delta.
+        let specs = [LoraSpec {
+            dir: models.join("lora-tiny-7b-rslora"),
+            scale: 1.0,
+        }];
+        let cfg7 = FalconConfig::from_dir(&models.join("tiny-7b-style")).unwrap();
+        let merge = Merge::open(&specs, &cfg7).unwrap();
+        assert!(merge.delta(1, Linear::QueryKeyValue).unwrap().is_none());
+        assert!(merge.delta(2, Linear::Dense).unwrap().is_none());
+        assert!(merge.delta(2, Linear::Dense4hToH).unwrap().is_some());
+    }
+}
