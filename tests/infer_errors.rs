@@ -1,14 +1,23 @@
-//! Each error path of `falcon-infer`: a clear message and exit status 1 (or a warning).
+//! Each error path of `falcon-infer`: a clear message and exit status 1, 2 for usage errors (or
+//! a warning).
 
 mod infer_support;
 
 use infer_support::*;
 
 fn assert_fails_with(o: &std::process::Output, needle: &str) {
+    assert_exits_with(o, 1, needle);
+}
+
+fn assert_usage_error(o: &std::process::Output, needle: &str) {
+    assert_exits_with(o, 2, needle);
+}
+
+fn assert_exits_with(o: &std::process::Output, code: i32, needle: &str) {
     assert_eq!(
         o.status.code(),
-        Some(1),
-        "expected exit 1; stderr: {}",
+        Some(code),
+        "expected exit {code}; stderr: {}",
         stderr(o)
     );
     let err = stderr(o);
@@ -29,7 +38,7 @@ fn infer_missing_model_is_an_error() {
 #[test]
 fn infer_no_model_is_an_error() {
     let o = infer(&["-p", "hi"]);
-    assert_fails_with(&o, "--model");
+    assert_usage_error(&o, "--model");
 }
 
 #[test]
@@ -87,7 +96,18 @@ fn infer_prompt_longer_than_context() {
 #[test]
 fn infer_bad_bits_is_an_error() {
     let o = infer(&["-m", "/nonexistent", "--bits", "5", "-p", "hi"]);
-    assert_fails_with(&o, "--bits 5");
+    assert_usage_error(&o, "--bits");
+    for args in [
+        &["-m", "/nonexistent", "--gpu-layers", "many", "-p", "hi"][..],
+        &["-m", "/nonexistent", "--tensor-split", "1,-1", "-p", "hi"][..],
+        &["-m", "/nonexistent", "--ctx-size", "0", "-p", "hi"][..],
+        &["-m", "/nonexistent", "--temp", "-1", "-p", "hi"][..],
+        &["-m", "/nonexistent", "--rpc", "nohost", "-p", "hi"][..],
+        &["plan", "-m", "falcon-7b", "--vram", "lots"][..],
+    ] {
+        let o = infer(args);
+        assert_usage_error(&o, "--");
+    }
 }
 
 #[test]
@@ -114,4 +134,27 @@ fn infer_gpu_layers_on_cpu_build_is_a_warning() {
         "no warning: {}",
         stderr(&o)
     );
+}
+
+#[test]
+fn infer_output_into_a_closed_pipe_ends_quietly_with_status_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("m.gguf");
+    quantize(&smallest_fixture(), &gguf, "q8_0");
+    // `head -c 1` reads one byte and closes the pipe while falcon-infer still writes.
+    let cmd = format!(
+        "set -o pipefail; '{}' -m '{}' -p 'And it came to pass' -n 200 --temp 0 --threads 2 2>{}/err | head -c 1 >/dev/null",
+        env!("CARGO_BIN_EXE_falcon-infer"),
+        gguf.display(),
+        tmp.path().display()
+    );
+    let o = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .unwrap();
+    let err = std::fs::read_to_string(tmp.path().join("err")).unwrap();
+    assert!(o.status.success(), "status {:?}; stderr: {err}", o.status);
+    assert!(!err.contains("error"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }

@@ -13,7 +13,7 @@ use falcon::engine::{ContextOptions, Engine, GpuLayers, LoadOptions};
 
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| Engine::init(false).expect("llama.cpp initialises"))
+    ENGINE.get_or_init(|| Engine::init().expect("llama.cpp initialises"))
 }
 
 /// llama.cpp's logits for every position of the prompt.
@@ -25,6 +25,7 @@ fn llama_logits(gguf: &Path, ids: &[i32]) -> Vec<Vec<f32>> {
             n_batch: Some(256),
             threads: Some(2),
             all_logits: true,
+            ..ContextOptions::default()
         },
         ..LoadOptions::default()
     };

@@ -356,3 +356,24 @@ fn ctrl_c_mid_write_leaves_nothing() {
         entries(&out_dir)
     );
 }
+
+#[test]
+fn bits_and_type_together_are_a_usage_error() {
+    let s = Scratch::new("tiny-7b-style");
+    let o = quantize(&[
+        s.ck().to_str().unwrap(),
+        "-o",
+        s.out().to_str().unwrap(),
+        "--bits",
+        "8",
+        "--type",
+        "q4_0",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("'--bits <BITS>' cannot be used with '--type <TYPE>'"),
+        "{err}"
+    );
+    assert!(entries(&s.out_dir()).is_empty());
+}

@@ -14,9 +14,9 @@ use rayon::prelude::*;
 use crate::checkpoint::{to_f32, Checkpoint};
 use crate::config::FalconConfig;
 use crate::error::ConvertError;
-use crate::falcon::{plan_tensors, qkv_source_row, OutputTensor, Transform};
 use crate::gguf::{keys, GgufPlan, GgufWriter, PlannedTensor, Value};
-use crate::rules::{choose, FileType, TensorCtx};
+use crate::layout::{match_checkpoint, plan_types, FalconTensor, Transform};
+use crate::rules::FileType;
 use crate::vocab::Vocab;
 
 /// What to write.
@@ -99,7 +99,7 @@ pub struct Prepared {
     pub checkpoint: Checkpoint,
     pub file_type: FileType,
     pub plan: GgufPlan,
-    pub tensors: Vec<OutputTensor>,
+    pub tensors: Vec<FalconTensor>,
 }
 
 /// Reads the checkpoint directory and plans the output file.
@@ -131,7 +131,7 @@ pub fn prepare(dir: &Path, opts: &Options) -> Result<Prepared, ConvertError> {
         Some(Checkpoint::open(dir)?)
     };
     let tensors = match &checkpoint {
-        Some(c) => plan_tensors(&config, c)?,
+        Some(c) => match_checkpoint(&config, c)?,
         None => Vec::new(),
     };
 
@@ -142,22 +142,8 @@ pub fn prepare(dir: &Path, opts: &Options) -> Result<Prepared, ConvertError> {
     let mut plan = falcon_metadata(&config, &name.unwrap_or_else(|| "falcon".into()), file_type);
     vocab.add_to(&mut plan);
 
-    let tied = !tensors.iter().any(|t| t.name == "output.weight");
-    for t in &tensors {
-        let ctx = TensorCtx {
-            name: &t.name,
-            dims: &t.dims,
-            layer: t.layer,
-            n_layer: config.n_layer,
-            tied,
-            file_type,
-        };
-        let (ty, _) = choose(&ctx);
-        plan.add_tensor(PlannedTensor {
-            name: t.name.clone(),
-            dims: t.dims.clone(),
-            ty,
-        });
+    for t in plan_types(&config, file_type, &tensors) {
+        plan.add_tensor(t);
     }
     Ok(Prepared {
         config,
@@ -286,7 +272,7 @@ fn write_file(p: &Prepared, out: &Path, opts: &Options) -> Result<u64, ConvertEr
         .iter()
         .map(|t| {
             p.checkpoint
-                .get(&t.source)
+                .get(&t.hf_name)
                 .map_or(0, |s| (s.end - s.start) as u64)
         })
         .sum();
@@ -311,9 +297,9 @@ fn write_file(p: &Prepared, out: &Path, opts: &Options) -> Result<u64, ConvertEr
     });
 
     let produce = || -> Result<(), ConvertError> {
-        let source = |t: &OutputTensor| {
+        let source = |t: &FalconTensor| {
             p.checkpoint
-                .get(&t.source)
+                .get(&t.hf_name)
                 .expect("planned from the checkpoint")
         };
         if let Some(first) = p.tensors.first() {
@@ -342,15 +328,7 @@ fn write_file(p: &Prepared, out: &Path, opts: &Options) -> Result<u64, ConvertEr
                     .enumerate()
                     .for_each(|(i, row)| {
                         let r = (r0 + i) as u64;
-                        let s = match t.transform {
-                            Transform::None => r,
-                            Transform::RegroupQkv => qkv_source_row(
-                                r,
-                                p.config.n_head,
-                                p.config.n_head_kv,
-                                p.config.head_dim(),
-                            ),
-                        } as usize;
+                        let s = t.transform.source_row(&p.config, r) as usize;
                         to_f32(
                             src.dtype,
                             &bytes[s * row_len * es..(s + 1) * row_len * es],
@@ -360,7 +338,7 @@ fn write_file(p: &Prepared, out: &Path, opts: &Options) -> Result<u64, ConvertEr
                 let mut q = vec![0u8; planned.ty.row_bytes(row_len)? * (r1 - r0)];
                 quant::quantize(planned.ty, &f32s, row_len, &mut q).map_err(|e| match e {
                     quant::QuantError::NonFinite { row, index, value } => ConvertError::NonFinite {
-                        tensor: t.source.clone(),
+                        tensor: t.hf_name.clone(),
                         file: p.checkpoint.shard_path(src).to_path_buf(),
                         row: r0 + row,
                         column: index,

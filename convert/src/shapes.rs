@@ -1,6 +1,7 @@
 //! The real shapes of Falcon-7B, -40B and -180B, for planning and synthetic checkpoints.
 
 use crate::config::FalconConfig;
+use crate::layout::{self, Variant};
 
 /// A named Falcon shape.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,35 +49,13 @@ impl FalconShape {
         }
     }
 
-    /// Every tensor of the model: llama.cpp name, ggml dims, layer.
+    /// Every tensor of the model: llama.cpp name, ggml dims, layer (see [`crate::layout`]).
     pub fn tensors(&self) -> Vec<(String, Vec<u64>, Option<u64>)> {
         let c = &self.config;
-        let (h, ff, v) = (c.hidden_size, c.ffn_hidden_size, c.vocab_size);
-        let mut t = vec![
-            ("token_embd.weight".to_string(), vec![h, v], None),
-            ("output_norm.weight".to_string(), vec![h], None),
-            ("output_norm.bias".to_string(), vec![h], None),
-        ];
-        if !c.tie_word_embeddings {
-            t.push(("output.weight".into(), vec![h, v], None));
-        }
-        for i in 0..c.n_layer {
-            let l = Some(i);
-            t.push((format!("blk.{i}.attn_norm.weight"), vec![h], l));
-            t.push((format!("blk.{i}.attn_norm.bias"), vec![h], l));
-            if c.new_decoder_architecture {
-                t.push((format!("blk.{i}.attn_norm_2.weight"), vec![h], l));
-                t.push((format!("blk.{i}.attn_norm_2.bias"), vec![h], l));
-            }
-            t.push((format!("blk.{i}.attn_qkv.weight"), vec![h, c.qkv_rows()], l));
-            t.push((format!("blk.{i}.attn_output.weight"), vec![h, h], l));
-            t.push((format!("blk.{i}.ffn_up.weight"), vec![h, ff], l));
-            t.push((format!("blk.{i}.ffn_down.weight"), vec![ff, h], l));
-        }
-        t.sort_by(|a, b| {
-            (a.2.map_or(-1, |l| l as i64), &a.0).cmp(&(b.2.map_or(-1, |l| l as i64), &b.0))
-        });
-        t
+        layout::tensors(c, Variant::of_config(c))
+            .into_iter()
+            .map(|t| (t.name, t.dims, t.layer))
+            .collect()
     }
 }
 

@@ -12,9 +12,10 @@ use rayon::prelude::*;
 use safetensors::tensor::{Dtype, View};
 
 use crate::error::ConvertError;
-use crate::gguf::{GgufWriter, PlannedTensor};
+use crate::gguf::GgufWriter;
+use crate::layout::{self, plan_types, Variant};
 use crate::pipeline::falcon_metadata;
-use crate::rules::{choose, FileType, TensorCtx};
+use crate::rules::FileType;
 use crate::shapes::FalconShape;
 use crate::vocab::Vocab;
 
@@ -63,22 +64,8 @@ pub fn write_gguf(
         .map_err(|e| ConvertError::write(out, e))?;
     Vocab::from_dir(tok_dir.path(), c)?.add_to(&mut plan);
 
-    let tensors = shape.tensors();
-    let tied = c.tie_word_embeddings;
-    for (name, dims, layer) in &tensors {
-        let ctx = TensorCtx {
-            name,
-            dims,
-            layer: *layer,
-            n_layer: c.n_layer,
-            tied,
-            file_type,
-        };
-        plan.add_tensor(PlannedTensor {
-            name: name.clone(),
-            dims: dims.clone(),
-            ty: choose(&ctx).0,
-        });
+    for t in plan_types(c, file_type, &layout::tensors(c, Variant::of_config(c))) {
+        plan.add_tensor(t);
     }
     let len = plan.file_len();
     let parent = out
@@ -192,42 +179,13 @@ pub fn write_checkpoint(
     )?;
     write("tokenizer.json", FALCON_TOKENIZER.to_string())?;
 
-    let hf = |n: &str| -> Vec<(String, Vec<usize>)> {
-        let (h, ff, v, qkv) = (
-            c.hidden_size as usize,
-            c.ffn_hidden_size as usize,
-            c.vocab_size as usize,
-            c.qkv_rows() as usize,
-        );
-        let _ = n;
-        let mut t = vec![("transformer.word_embeddings.weight".to_string(), vec![v, h])];
-        for i in 0..c.n_layer {
-            let b = format!("transformer.h.{i}.");
-            let norms: &[&str] = if c.new_decoder_architecture {
-                &["ln_attn", "ln_mlp"]
-            } else {
-                &["input_layernorm"]
-            };
-            for ln in norms {
-                t.push((format!("{b}{ln}.weight"), vec![h]));
-                t.push((format!("{b}{ln}.bias"), vec![h]));
-            }
-            t.push((
-                format!("{b}self_attention.query_key_value.weight"),
-                vec![qkv, h],
-            ));
-            t.push((format!("{b}self_attention.dense.weight"), vec![h, h]));
-            t.push((format!("{b}mlp.dense_h_to_4h.weight"), vec![ff, h]));
-            t.push((format!("{b}mlp.dense_4h_to_h.weight"), vec![h, ff]));
-        }
-        t.push(("transformer.ln_f.weight".into(), vec![h]));
-        t.push(("transformer.ln_f.bias".into(), vec![h]));
-        if !c.tie_word_embeddings {
-            t.push(("lm_head.weight".into(), vec![v, h]));
-        }
-        t
-    };
-    let all = hf(shape.name);
+    let all: Vec<(String, Vec<usize>)> = layout::tensors(c, Variant::of_config(c))
+        .into_iter()
+        .map(|t| {
+            let shape = t.hf_shape().into_iter().map(|d| d as usize).collect();
+            (t.hf_name, shape)
+        })
+        .collect();
     let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
     let mut size = 0u64;
     for t in all {

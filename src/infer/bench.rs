@@ -5,11 +5,10 @@
 
 use std::time::Instant;
 
-use anyhow::Context as _;
 use serde::Serialize;
 
-use super::{BenchConfig, Prepared};
-use crate::engine::Token;
+use super::InferError;
+use crate::engine::{Session, Token};
 
 /// Mean and sample standard deviation.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -21,7 +20,9 @@ pub struct Stat {
 }
 
 impl Stat {
-    fn of(xs: &[f64]) -> Self {
+    /// Of a sample.
+    #[must_use]
+    pub fn of(xs: &[f64]) -> Self {
         let n = xs.len() as f64;
         let mean = xs.iter().sum::<f64>() / n;
         let var = if xs.len() > 1 {
@@ -90,18 +91,20 @@ pub fn copy_bandwidth(threads: usize) -> f64 {
     2.0 * LEN as f64 / best
 }
 
-/// The `bench` command.
+/// Timings of prompt processing and generation over `repetitions`, on random tokens, as
+/// llama-bench measures them; `on_repetition` is called with (repetition, pp t/s, tg t/s).
 ///
 /// # Errors
-/// Loading or evaluation failures.
-pub fn run(c: &BenchConfig) -> anyhow::Result<()> {
-    let mut load = c.load.clone();
-    let need = (c.n_prompt + c.n_gen) as u32;
-    load.context.n_ctx = Some(load.context.n_ctx.unwrap_or(need).max(need));
-    let prepared = Prepared::new(&c.model, &load, c.verbose)?;
-    let (model, _) = prepared.load()?;
-    let mut session = prepared.session(&model)?;
-    let n_vocab = model.n_vocab() as u64;
+/// Evaluation failures (a context smaller than `n_prompt` or `n_gen`).
+pub fn measure(
+    session: &mut Session<'_>,
+    n_vocab: usize,
+    n_prompt: usize,
+    n_gen: usize,
+    repetitions: usize,
+    on_repetition: &mut dyn FnMut(usize, f64, f64),
+) -> Result<(Stat, Stat), InferError> {
+    let n_vocab = n_vocab as u64;
     // Deterministic pseudo-random tokens (an LCG), as llama-bench uses random tokens.
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut next = || {
@@ -110,88 +113,25 @@ pub fn run(c: &BenchConfig) -> anyhow::Result<()> {
             .wrapping_add(1_442_695_040_888_963_407);
         ((state >> 33) % n_vocab) as Token
     };
-    let prompt: Vec<Token> = (0..c.n_prompt).map(|_| next()).collect();
-    let gen: Vec<Token> = (0..c.n_gen).map(|_| next()).collect();
+    let prompt: Vec<Token> = (0..n_prompt).map(|_| next()).collect();
+    let gen: Vec<Token> = (0..n_gen).map(|_| next()).collect();
 
     // Warm-up.
     session.eval(&prompt[..prompt.len().min(8)], false)?;
     let (mut pp, mut tg) = (Vec::new(), Vec::new());
-    for r in 0..c.repetitions {
+    for r in 0..repetitions {
         session.truncate(0);
         let t = Instant::now();
         session.eval(&prompt, false)?;
-        pp.push(c.n_prompt as f64 / t.elapsed().as_secs_f64());
+        pp.push(n_prompt as f64 / t.elapsed().as_secs_f64());
         session.truncate(0);
         session.eval(&gen[..1], false)?;
         let t = Instant::now();
         for &tok in &gen[1..] {
-            session.eval(&[tok], false).context("generation test")?;
+            session.eval(&[tok], false)?;
         }
-        tg.push((c.n_gen - 1).max(1) as f64 / t.elapsed().as_secs_f64());
-        if !c.json {
-            eprintln!(
-                "repetition {}/{}: pp {:.1} t/s, tg {:.1} t/s",
-                r + 1,
-                c.repetitions,
-                pp[r],
-                tg[r]
-            );
-        }
+        tg.push((n_gen - 1).max(1) as f64 / t.elapsed().as_secs_f64());
+        on_repetition(r, pp[r], tg[r]);
     }
-    let threads = load.context.threads.map_or_else(
-        || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
-        |t| t as usize,
-    );
-    let bw = copy_bandwidth(threads);
-    let bytes = model.size_bytes();
-    let n_off = u64::from(model.n_layer()) + 1;
-    let cpu_share = 1.0 - f64::from(model.gpu_layers()) / n_off as f64;
-    let cpu_bytes = bytes as f64 * cpu_share;
-    let tg_stat = Stat::of(&tg);
-    let ceiling = (cpu_bytes > 0.0).then(|| bw / cpu_bytes);
-    let report = BenchReport {
-        model: prepared.gguf.display().to_string(),
-        model_bytes: bytes,
-        gpu_layers: model.gpu_layers(),
-        n_prompt: c.n_prompt,
-        n_gen: c.n_gen,
-        pp_tokens_per_s: Stat::of(&pp),
-        tg_tokens_per_s: tg_stat,
-        copy_bandwidth: bw,
-        tg_ceiling_tokens_per_s: ceiling,
-        fraction_of_ceiling: ceiling.map(|c| tg_stat.mean / c),
-    };
-    if c.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
-    }
-    println!(
-        "model {} ({}), {} of {} layers on GPU",
-        report.model,
-        super::human_bytes(bytes),
-        report.gpu_layers,
-        n_off
-    );
-    println!(
-        "pp{:<5} {:>10.2} ± {:.2} tokens/s",
-        c.n_prompt, report.pp_tokens_per_s.mean, report.pp_tokens_per_s.std
-    );
-    println!(
-        "tg{:<5} {:>10.2} ± {:.2} tokens/s",
-        c.n_gen, tg_stat.mean, tg_stat.std
-    );
-    match (ceiling, report.fraction_of_ceiling) {
-        (Some(ceil), Some(f)) => println!(
-            "copy bandwidth {:.1} GB/s -> generation ceiling {:.2} tokens/s ({} of weights read per token); reached {:.0}%",
-            bw / 1e9,
-            ceil,
-            super::human_bytes(cpu_bytes as u64),
-            100.0 * f
-        ),
-        _ => println!(
-            "copy bandwidth {:.1} GB/s; all weights are on GPUs, so the host ceiling does not apply",
-            bw / 1e9
-        ),
-    }
-    Ok(())
+    Ok((Stat::of(&pp), Stat::of(&tg)))
 }

@@ -1,12 +1,10 @@
-//! Text generation: sampling loop, streaming with stop strings, and the default command.
+//! Text generation: the sampling loop of one sequence, and streaming text with stop strings.
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
 use serde::Serialize;
 
-use super::{GenerateConfig, MemoryUse, Prepared};
+use super::InferError;
 use crate::engine::{Model, SamplingParams, Session, Token};
 
 /// Why a completion ended.
@@ -15,9 +13,9 @@ use crate::engine::{Model, SamplingParams, Session, Token};
 pub enum FinishReason {
     /// The model produced its end-of-text token.
     EndOfText,
-    /// A `--stop` string appeared.
+    /// A stop string appeared.
     Stop,
-    /// `--max-new-tokens` were generated.
+    /// The token limit was reached.
     Length,
     /// The context window is full.
     Context,
@@ -47,13 +45,47 @@ pub struct Counters {
     pub gen_time: Duration,
 }
 
-/// Turns a stream of token bytes into text, holding back incomplete UTF-8 and anything that
-/// could still become a stop string.
+/// Turns a stream of token bytes into text and finds stop strings in it.
+///
+/// Bytes are decoded incrementally, as llama.cpp's own server does: an incomplete UTF-8
+/// sequence at the end is held back until the next token completes it, and bytes that can never
+/// become valid UTF-8 turn into U+FFFD at once, so that a token ending inside a character that
+/// never completes cannot stall the stream or hide a stop string that follows. Text that could
+/// still be the start of a stop string is held back too.
 #[derive(Debug)]
 pub struct StopStream<'a> {
     stops: &'a [String],
-    bytes: Vec<u8>,
+    /// Decoded text so far.
+    text: String,
+    /// Bytes of an incomplete character at the end.
+    pending: Vec<u8>,
+    /// Bytes of `text` already handed out.
     emitted: usize,
+}
+
+/// Appends `bytes` to `text`, replacing invalid sequences with U+FFFD; returns the bytes of an
+/// incomplete sequence at the end, which may still become valid.
+fn decode_into(text: &mut String, mut bytes: &[u8]) -> Vec<u8> {
+    loop {
+        match std::str::from_utf8(bytes) {
+            Ok(s) => {
+                text.push_str(s);
+                return Vec::new();
+            }
+            Err(e) => {
+                let (good, rest) = bytes.split_at(e.valid_up_to());
+                // SAFETY-free: `valid_up_to` marks the end of valid UTF-8.
+                text.push_str(std::str::from_utf8(good).unwrap_or_default());
+                match e.error_len() {
+                    Some(n) => {
+                        text.push(char::REPLACEMENT_CHARACTER);
+                        bytes = &rest[n..];
+                    }
+                    None => return rest.to_vec(),
+                }
+            }
+        }
+    }
 }
 
 impl<'a> StopStream<'a> {
@@ -62,28 +94,23 @@ impl<'a> StopStream<'a> {
     pub fn new(stops: &'a [String]) -> Self {
         Self {
             stops,
-            bytes: Vec::new(),
+            text: String::new(),
+            pending: Vec::new(),
             emitted: 0,
-        }
-    }
-
-    /// The text decodable so far (complete UTF-8 characters only).
-    fn text(&self) -> &str {
-        match std::str::from_utf8(&self.bytes) {
-            Ok(s) => s,
-            // SAFETY-free: `valid_up_to` marks a char boundary of valid UTF-8.
-            Err(e) => std::str::from_utf8(&self.bytes[..e.valid_up_to()]).unwrap_or_default(),
         }
     }
 
     /// Adds a token's bytes. Returns the text now safe to show, and whether a stop string
     /// appeared (then the text ends just before it).
     pub fn push(&mut self, piece: &[u8]) -> (String, bool) {
-        self.bytes.extend_from_slice(piece);
-        let text = self.text();
+        let mut bytes = std::mem::take(&mut self.pending);
+        bytes.extend_from_slice(piece);
+        let before = self.text.len();
+        self.pending = decode_into(&mut self.text, &bytes);
+        let text = &self.text;
         let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
-        // A new stop string can only start in the region not yet shown or just before it.
-        let mut search_from = self.emitted.saturating_sub(longest);
+        // A new stop string can only end in the newly decoded text.
+        let mut search_from = before.min(self.emitted).saturating_sub(longest);
         while !text.is_char_boundary(search_from) {
             search_from -= 1;
         }
@@ -99,7 +126,8 @@ impl<'a> StopStream<'a> {
             .min();
         if let Some(end) = found {
             let out = text[self.emitted.min(end)..end].to_string();
-            self.bytes.truncate(end);
+            self.text.truncate(end);
+            self.pending.clear();
             self.emitted = end;
             return (out, true);
         }
@@ -119,20 +147,25 @@ impl<'a> StopStream<'a> {
         (out, false)
     }
 
-    /// Everything not yet shown (at the end of generation), and the whole text.
+    /// Everything not yet shown (at the end of generation; an incomplete character becomes
+    /// U+FFFD), and the whole text.
     pub fn finish(&mut self) -> (String, String) {
-        let text = String::from_utf8_lossy(&self.bytes).into_owned();
-        let rest = text.get(self.emitted..).unwrap_or_default().to_string();
-        self.emitted = self.bytes.len();
-        (rest, text)
+        if !self.pending.is_empty() {
+            self.text.push(char::REPLACEMENT_CHARACTER);
+            self.pending.clear();
+        }
+        let rest = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        (rest, self.text.clone())
     }
 }
 
 /// Generates one completion after `prompt` (which the session is synced to), calling `on_text`
-/// with each piece of text as soon as it is safe to show.
+/// with each piece of text as soon as it is safe to show. `on_text` returning an error stops
+/// generation with that error.
 ///
 /// # Errors
-/// If llama.cpp fails to evaluate a token.
+/// If llama.cpp fails to evaluate a token, or `on_text` fails.
 #[allow(clippy::too_many_arguments)]
 pub fn complete(
     model: &Model<'_>,
@@ -142,8 +175,8 @@ pub fn complete(
     max_new_tokens: usize,
     stops: &[String],
     counters: &mut Counters,
-    on_text: &mut dyn FnMut(&str) -> anyhow::Result<()>,
-) -> anyhow::Result<Completion> {
+    on_text: &mut dyn FnMut(&str) -> Result<(), InferError>,
+) -> Result<Completion, InferError> {
     let before = session.tokens().len();
     let t0 = Instant::now();
     session.sync(prompt)?;
@@ -196,130 +229,14 @@ pub fn complete(
     })
 }
 
-#[derive(Debug, Serialize)]
-struct JsonTimings {
-    load_s: f64,
-    prompt_tokens: usize,
-    prompt_s: f64,
-    prompt_tokens_per_s: f64,
-    generated_tokens: usize,
-    generate_s: f64,
-    generated_tokens_per_s: f64,
-    memory: Vec<MemoryUse>,
-}
-
-#[derive(Debug, Serialize)]
-struct JsonOutput<'a> {
-    model: String,
-    prompt: &'a str,
-    prompt_ids: &'a [Token],
-    seed: u32,
-    completions: Vec<Completion>,
-    timings: JsonTimings,
-}
-
-fn rate(n: usize, t: Duration) -> f64 {
+/// Tokens per second, 0 for no time.
+#[must_use]
+pub fn rate(n: usize, t: Duration) -> f64 {
     if t.as_secs_f64() > 0.0 {
         n as f64 / t.as_secs_f64()
     } else {
         0.0
     }
-}
-
-/// The default command: generate from a prompt, stream or print JSON.
-///
-/// # Errors
-/// Model resolution, loading, a prompt longer than the context, or evaluation failures.
-pub fn run(cfg: &GenerateConfig) -> anyhow::Result<()> {
-    let prepared = Prepared::new(&cfg.model, &cfg.load, cfg.verbose)?;
-    let (model, load_time) = prepared.load()?;
-    let mut session = prepared.session(&model)?;
-    let prompt_ids = model.tokenize(&cfg.prompt, true);
-    if prompt_ids.is_empty() {
-        bail!("the prompt is empty; give some text with --prompt, --prompt-file or stdin");
-    }
-    if prompt_ids.len() >= session.n_ctx() {
-        bail!(
-            "the prompt is {} tokens but the context holds {} (--ctx-size); shorten the prompt \
-             or raise --ctx-size (the model was trained with {})",
-            prompt_ids.len(),
-            session.n_ctx(),
-            model.n_ctx_train()
-        );
-    }
-    let mut counters = Counters::default();
-    let mut completions = Vec::new();
-    let stdout = std::io::stdout();
-    for i in 0..cfg.num_return_sequences {
-        let mut sampling = cfg.sampling.clone();
-        sampling.seed = cfg.sampling.seed.wrapping_add(i as u32);
-        let mut out = stdout.lock();
-        let mut on_text = |s: &str| -> anyhow::Result<()> {
-            if !cfg.json {
-                out.write_all(s.as_bytes()).context("writing to stdout")?;
-                out.flush().context("writing to stdout")?;
-            }
-            Ok(())
-        };
-        if !cfg.json {
-            if cfg.num_return_sequences > 1 {
-                on_text(&format!(
-                    "--- sequence {} of {} ---\n",
-                    i + 1,
-                    cfg.num_return_sequences
-                ))?;
-            }
-            on_text(&cfg.prompt)?;
-        }
-        let c = complete(
-            &model,
-            &mut session,
-            &prompt_ids,
-            &sampling,
-            cfg.max_new_tokens,
-            &cfg.stop,
-            &mut counters,
-            &mut on_text,
-        )?;
-        if !cfg.json {
-            on_text("\n")?;
-        }
-        completions.push(c);
-    }
-    let memory = super::memory_use(&model);
-    if cfg.json {
-        let doc = JsonOutput {
-            model: prepared.gguf.display().to_string(),
-            prompt: &cfg.prompt,
-            prompt_ids: &prompt_ids,
-            seed: cfg.sampling.seed,
-            completions,
-            timings: JsonTimings {
-                load_s: load_time.as_secs_f64(),
-                prompt_tokens: counters.prompt_tokens,
-                prompt_s: counters.prompt_time.as_secs_f64(),
-                prompt_tokens_per_s: rate(counters.prompt_tokens, counters.prompt_time),
-                generated_tokens: counters.gen_tokens,
-                generate_s: counters.gen_time.as_secs_f64(),
-                generated_tokens_per_s: rate(counters.gen_tokens, counters.gen_time),
-                memory,
-            },
-        };
-        let mut out = stdout.lock();
-        serde_json::to_writer_pretty(&mut out, &doc).context("writing JSON to stdout")?;
-        writeln!(out).context("writing to stdout")?;
-    } else {
-        eprintln!(
-            "load {:.2} s | prompt {} tokens, {:.1} tokens/s | generated {} tokens, {:.1} tokens/s | {}",
-            load_time.as_secs_f64(),
-            counters.prompt_tokens,
-            rate(counters.prompt_tokens, counters.prompt_time),
-            counters.gen_tokens,
-            rate(counters.gen_tokens, counters.gen_time),
-            super::format_memory(&memory),
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -374,5 +291,28 @@ mod tests {
         let mut s = StopStream::new(&stops);
         assert_eq!(s.push(&euro[..1]).0, "");
         assert_eq!(s.push(&euro[1..]).0, "€");
+    }
+
+    #[test]
+    fn a_character_that_never_completes_does_not_stall_the_stream_or_hide_a_stop() {
+        // The first two bytes of "€" followed by plain text: the character never completes.
+        // Before the fix the undecodable bytes stopped all later text, and the stop string with it.
+        let euro = "€".as_bytes();
+        let (shown, all, stopped) = run_stream(
+            &["\nUser:"],
+            &[&euro[..2], b" fine", b"\nUser:", b" invented turn"],
+        );
+        assert!(stopped, "the stop string is found after broken bytes");
+        assert_eq!(shown, "\u{FFFD} fine");
+        assert_eq!(all, "\u{FFFD} fine");
+    }
+
+    #[test]
+    fn an_incomplete_character_at_the_end_becomes_a_replacement() {
+        let euro = "€".as_bytes();
+        let (shown, all, stopped) = run_stream(&[], &[b"ok ", &euro[..2]]);
+        assert!(!stopped);
+        assert_eq!(shown, "ok \u{FFFD}");
+        assert_eq!(all, shown);
     }
 }

@@ -1,7 +1,9 @@
-//! `falcon-infer`: run Falcon models through llama.cpp (see [`crate::engine`]).
+//! Running Falcon models through llama.cpp (see [`crate::engine`]): where the GGUF comes from
+//! ([`source`]), the generation loop with stop strings ([`generate`]), chat prompts ([`chat`]),
+//! perplexity ([`perplexity`]), memory plans ([`plan`]) and speed ([`bench`]).
 //!
-//! The binary parses flags into one of the validated configs below and calls [`run`].
-//! Subcommands: generation (default), chat, plan, perplexity and bench.
+//! Nothing here prints: results are returned, progress goes to callbacks, and notices (a cached
+//! model reused, a GPU option that cannot apply) are `tracing` events that the binaries show.
 
 pub mod bench;
 pub mod chat;
@@ -10,131 +12,88 @@ pub mod perplexity;
 pub mod plan;
 pub mod source;
 
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::engine::{ContextOptions, Engine, LoadOptions, Model, SamplingParams, Session};
+use crate::engine::{ContextOptions, Engine, EngineError, GpuLayers, LoadOptions, Model, Session};
 pub use source::{Bits, ModelSpec};
 
-/// Generation settings shared by the default command and chat.
-#[derive(Debug, Clone)]
-pub struct GenerateConfig {
-    /// The model.
-    pub model: ModelSpec,
-    /// Placement and context.
-    pub load: LoadOptions,
-    /// The prompt text.
-    pub prompt: String,
-    /// Most tokens per completion.
-    pub max_new_tokens: usize,
-    /// Sampling.
-    pub sampling: SamplingParams,
-    /// Completions to generate (seeds `seed`, `seed + 1`, ...).
-    pub num_return_sequences: usize,
-    /// Strings that end a completion.
-    pub stop: Vec<String>,
-    /// One JSON document instead of streamed text.
-    pub json: bool,
-    /// Show llama.cpp's own log.
-    pub verbose: bool,
-}
-
-/// Chat settings.
-#[derive(Debug, Clone)]
-pub struct ChatConfig {
-    /// Model, sampling and limits (the prompt is unused).
-    pub gen: GenerateConfig,
-    /// A system line put before the conversation.
-    pub system: Option<String>,
-}
-
-/// Perplexity settings.
-#[derive(Debug, Clone)]
-pub struct PerplexityConfig {
-    /// The model to measure.
-    pub model: ModelSpec,
-    /// A reference model for KL divergence and top-1 agreement.
-    pub reference: Option<ModelSpec>,
-    /// Placement and context (`n_ctx` is the chunk length).
-    pub load: LoadOptions,
-    /// The text.
-    pub text: String,
-    /// Print JSON.
-    pub json: bool,
-    /// Show llama.cpp's own log.
-    pub verbose: bool,
-}
-
-/// Bench settings.
-#[derive(Debug, Clone)]
-pub struct BenchConfig {
-    /// The model.
-    pub model: ModelSpec,
-    /// Placement.
-    pub load: LoadOptions,
-    /// Prompt length for prompt processing.
-    pub n_prompt: usize,
-    /// Tokens for generation.
-    pub n_gen: usize,
-    /// Repetitions.
-    pub repetitions: usize,
-    /// Print JSON.
-    pub json: bool,
-    /// Show llama.cpp's own log.
-    pub verbose: bool,
-}
-
-/// A validated command.
-#[derive(Debug, Clone)]
-pub enum Command {
-    /// Generate from a prompt.
-    Generate(GenerateConfig),
-    /// Interactive chat.
-    Chat(ChatConfig),
-    /// Memory plan.
-    Plan(plan::PlanConfig),
-    /// Perplexity.
-    Perplexity(PerplexityConfig),
-    /// Speed.
-    Bench(BenchConfig),
-}
-
-/// Runs a command.
-///
-/// # Errors
-/// Whatever the command fails with, with context.
-pub fn run(cmd: &Command) -> anyhow::Result<()> {
-    match cmd {
-        Command::Generate(c) => generate::run(c),
-        Command::Chat(c) => chat::run(c),
-        Command::Plan(c) => plan::run(c),
-        Command::Perplexity(c) => perplexity::run(c),
-        Command::Bench(c) => bench::run(c),
-    }
+/// Errors of running a model. Each names the file or value involved.
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    /// llama.cpp failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Resolving the model (a missing path, an invalid GGUF, a checkpoint that failed to
+    /// convert).
+    #[error(transparent)]
+    Source(#[from] source::SourceError),
+    /// The prompt has no tokens.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// The prompt does not fit in the context.
+    #[error("the prompt is {tokens} tokens but the context holds {n_ctx} (the model was trained with {n_ctx_train})")]
+    PromptTooLong {
+        /// Prompt tokens.
+        tokens: usize,
+        /// Context size.
+        n_ctx: usize,
+        /// The model's training context.
+        n_ctx_train: u32,
+    },
+    /// A text shorter than one chunk.
+    #[error("the text is {tokens} tokens, less than one chunk of {n_ctx}")]
+    TextTooShort {
+        /// Tokens of the text.
+        tokens: usize,
+        /// Chunk (context) size.
+        n_ctx: usize,
+    },
+    /// Two models that should share a vocabulary do not.
+    #[error("{} and {} have different vocabularies; compare models of the same family", a.display(), b.display())]
+    VocabularyMismatch {
+        /// One model.
+        a: PathBuf,
+        /// The other.
+        b: PathBuf,
+    },
+    /// Writing a result failed (a closed pipe is not reported as an error by the binaries).
+    #[error("writing the output: {0}")]
+    Output(#[source] std::io::Error),
+    /// The run was interrupted.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 /// A resolved, validated GGUF and an initialised engine, ready to load.
 #[derive(Debug)]
-pub struct Prepared {
+pub struct Runtime {
     engine: Engine,
     /// The GGUF file that will be loaded.
-    pub gguf: std::path::PathBuf,
+    pub gguf: PathBuf,
     opts: LoadOptions,
     started: Instant,
 }
 
-impl Prepared {
-    /// Resolves the model (quantizing a checkpoint if needed) and initialises llama.cpp.
+impl Runtime {
+    /// Resolves the model (quantizing a checkpoint once if needed, with `progress` called as it
+    /// goes) and initialises llama.cpp.
     ///
     /// # Errors
     /// Resolution or initialisation failures.
-    pub fn new(spec: &ModelSpec, opts: &LoadOptions, verbose: bool) -> anyhow::Result<Self> {
+    pub fn new(
+        spec: &ModelSpec,
+        opts: &LoadOptions,
+        progress: Option<Arc<convert::ProgressFn>>,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<Self, InferError> {
         let started = Instant::now();
-        let summary = source::resolve(spec, false)?;
-        let engine = Engine::init(verbose)?;
-        warn_gpu_options(&engine, opts);
+        let summary = source::resolve(spec, progress, cancel)?;
+        let engine = Engine::init()?;
         Ok(Self {
             engine,
             gguf: summary.path,
@@ -143,20 +102,28 @@ impl Prepared {
         })
     }
 
-    /// Like [`Prepared::new`] but sharing an engine is impossible (one per process), so a second
-    /// model (a reference) is resolved here and loaded through [`Prepared::load_other`].
-    ///
-    /// # Errors
-    /// Resolution failures.
-    pub fn resolve_other(spec: &ModelSpec) -> anyhow::Result<std::path::PathBuf> {
-        Ok(source::resolve(spec, false)?.path)
+    /// Announces (as `tracing` warnings) placement options that cannot apply on this build or
+    /// machine, and a GPU build that finds no usable GPU.
+    pub fn announce_devices(&self) {
+        if let Some(notice) = self.engine.gpu_notice() {
+            tracing::warn!("{notice}");
+        }
+        let asked = !matches!(self.opts.gpu_layers, GpuLayers::Auto)
+            || self.opts.tensor_split.is_some()
+            || self.opts.main_gpu.is_some();
+        if asked && !self.engine.can_offload() {
+            tracing::warn!(
+                "no GPU or RPC worker to offload to: the GPU placement options are ignored and \
+                 everything runs on the CPU"
+            );
+        }
     }
 
-    /// Loads the model; returns it and the time since [`Prepared::new`] began.
+    /// Loads the model; returns it and the time since [`Runtime::new`] began.
     ///
     /// # Errors
     /// llama.cpp load failures.
-    pub fn load(&self) -> anyhow::Result<(Model<'_>, Duration)> {
+    pub fn load(&self) -> Result<(Model<'_>, Duration), InferError> {
         self.load_other(&self.gguf)
     }
 
@@ -164,14 +131,30 @@ impl Prepared {
     ///
     /// # Errors
     /// llama.cpp load failures.
-    pub fn load_other(&self, gguf: &std::path::Path) -> anyhow::Result<(Model<'_>, Duration)> {
+    pub fn load_other(&self, gguf: &std::path::Path) -> Result<(Model<'_>, Duration), InferError> {
         let model = self.engine.load(gguf, &self.opts)?;
-        if self.engine.gpu_offload() {
-            eprintln!(
-                "{} of {} layers on GPU (the output layer counts as one)",
+        if self.engine.can_offload() {
+            let p = model.placement();
+            let n = model.n_layer() + 1;
+            let on = if p.names.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", p.names.join(", "))
+            };
+            tracing::info!(
+                "{} of {n} layers offloaded{on}, {} on the CPU (the output layer counts as one)",
                 model.gpu_layers(),
-                model.n_layer() + 1
+                n - model.gpu_layers()
             );
+            if let GpuLayers::Count(asked) = self.opts.gpu_layers {
+                if asked > model.gpu_layers() {
+                    tracing::warn!(
+                        "{asked} layers were asked for the GPU but the model has {n}: {} went to the GPU, {} stayed on the CPU",
+                        model.gpu_layers(),
+                        n - model.gpu_layers()
+                    );
+                }
+            }
         }
         Ok((model, self.started.elapsed()))
     }
@@ -189,14 +172,12 @@ impl Prepared {
         c
     }
 
-    /// A session with [`Prepared::context_options`].
+    /// A single-sequence session with [`Runtime::context_options`].
     ///
     /// # Errors
     /// llama.cpp context failures.
-    pub fn session<'m>(&self, model: &'m Model<'_>) -> anyhow::Result<Session<'m>> {
-        model
-            .session(&self.context_options(model))
-            .context("creating the inference context")
+    pub fn session<'m>(&self, model: &'m Model<'_>) -> Result<Session<'m>, InferError> {
+        Ok(model.session(&self.context_options(model))?)
     }
 
     /// The engine.
@@ -204,20 +185,11 @@ impl Prepared {
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
-}
 
-/// Placement options that cannot apply on this build or machine produce a warning, not an error.
-fn warn_gpu_options(engine: &Engine, opts: &LoadOptions) {
-    let asked = !matches!(opts.gpu_layers, crate::engine::GpuLayers::Auto)
-        || opts.tensor_split.is_some()
-        || opts.main_gpu.is_some();
-    if asked && !engine.gpu_build() {
-        eprintln!(
-            "warning: this build has no GPU support (build with --features cuda); \
-             --gpu-layers/--tensor-split/--main-gpu are ignored and everything runs on the CPU"
-        );
-    } else if asked && !engine.gpu_offload() {
-        eprintln!("warning: no GPU found; everything runs on the CPU");
+    /// The load options.
+    #[must_use]
+    pub fn options(&self) -> &LoadOptions {
+        &self.opts
     }
 }
 
@@ -230,7 +202,7 @@ pub struct MemoryUse {
     pub bytes: u64,
 }
 
-/// Memory on each device (GPU: drop in free memory since loading; CPU: peak resident size).
+/// Memory on each device (GPU: drop in free memory since loading; CPU: resident size now).
 #[must_use]
 pub fn memory_use(model: &Model<'_>) -> Vec<MemoryUse> {
     model

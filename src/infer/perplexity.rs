@@ -3,10 +3,9 @@
 //! context), and with a reference model also the mean KL divergence from the reference's
 //! next-token distribution and how often both pick the same top token.
 
-use anyhow::{bail, Context as _};
 use serde::Serialize;
 
-use super::{PerplexityConfig, Prepared};
+use super::InferError;
 use crate::engine::{Session, Token};
 
 /// The result.
@@ -54,7 +53,7 @@ fn eval_chunk(
     chunk: &[Token],
     first: usize,
     each: &mut dyn FnMut(usize, &[f32]),
-) -> anyhow::Result<()> {
+) -> Result<(), InferError> {
     session.truncate(0);
     let n_batch = session.n_batch();
     for (b, batch) in chunk.chunks(n_batch).enumerate() {
@@ -69,51 +68,26 @@ fn eval_chunk(
     Ok(())
 }
 
-/// The `perplexity` command.
+/// Measures perplexity of `tokens` with `session` (whose context size is the chunk length), and
+/// with a reference session also the KL divergence and top-1 agreement. `progress` is called
+/// after each chunk with (chunks done, chunks, perplexity so far).
 ///
 /// # Errors
-/// Loading failures, a text too short for one chunk, or vocabularies that differ.
-pub fn run(c: &PerplexityConfig) -> anyhow::Result<()> {
-    let mut load = c.load.clone();
-    load.context.all_logits = true;
-    let prepared = Prepared::new(&c.model, &load, c.verbose)?;
-    let reference_path = c
-        .reference
-        .as_ref()
-        .map(Prepared::resolve_other)
-        .transpose()?;
-    let (model, _) = prepared.load()?;
-    let mut ctx = prepared.context_options(&model);
-    let n_ctx = ctx.n_ctx.unwrap_or(512) as usize;
-    // One batch per chunk keeps every logit of the chunk available at once.
-    ctx.n_batch = Some(ctx.n_batch.unwrap_or(n_ctx as u32).min(n_ctx as u32));
-    let mut session = model.session(&ctx).context("creating the context")?;
-    let tokens = model.tokenize(&c.text, true);
+/// A text shorter than one chunk, or evaluation failures.
+pub fn measure(
+    session: &mut Session<'_>,
+    mut reference: Option<&mut Session<'_>>,
+    tokens: &[Token],
+    progress: &mut dyn FnMut(usize, usize, f64),
+) -> Result<PerplexityReport, InferError> {
+    let n_ctx = session.n_ctx();
     let n_chunks = tokens.len() / n_ctx;
     if n_chunks == 0 {
-        bail!(
-            "the text is {} tokens, less than one chunk of --ctx-size {n_ctx}; give a longer text \
-             or a smaller --ctx-size",
-            tokens.len()
-        );
+        return Err(InferError::TextTooShort {
+            tokens: tokens.len(),
+            n_ctx,
+        });
     }
-    let reference = match &reference_path {
-        Some(p) => {
-            let (m, _) = prepared.load_other(p)?;
-            if m.n_vocab() != model.n_vocab() || m.tokenize(&c.text, true) != tokens {
-                bail!(
-                    "the reference model's vocabulary differs; compare models of the same family"
-                );
-            }
-            Some(m)
-        }
-        None => None,
-    };
-    let mut ref_session = reference
-        .as_ref()
-        .map(|m| m.session(&ctx).context("creating the reference context"))
-        .transpose()?;
-
     let first = n_ctx / 2;
     let (mut nll, mut kl, mut agree, mut count) = (0f64, 0f64, 0usize, 0usize);
     let mut lp = Vec::new();
@@ -121,7 +95,7 @@ pub fn run(c: &PerplexityConfig) -> anyhow::Result<()> {
     for k in 0..n_chunks {
         let chunk = &tokens[k * n_ctx..(k + 1) * n_ctx];
         ref_lp.clear();
-        if let Some(rs) = ref_session.as_mut() {
+        if let Some(rs) = reference.as_deref_mut() {
             eval_chunk(rs, chunk, first, &mut |_, logits| {
                 let mut v = Vec::new();
                 log_softmax(logits, &mut v);
@@ -129,7 +103,7 @@ pub fn run(c: &PerplexityConfig) -> anyhow::Result<()> {
             })?;
         }
         let mut j = 0;
-        eval_chunk(&mut session, chunk, first, &mut |i, logits| {
+        eval_chunk(session, chunk, first, &mut |i, logits| {
             log_softmax(logits, &mut lp);
             nll -= lp[chunk[i + 1] as usize];
             if let Some(r) = ref_lp.get(j) {
@@ -143,38 +117,17 @@ pub fn run(c: &PerplexityConfig) -> anyhow::Result<()> {
             j += 1;
             count += 1;
         })?;
-        if !c.json {
-            eprintln!(
-                "[{}/{n_chunks}] perplexity so far {:.4}",
-                k + 1,
-                (nll / count as f64).exp()
-            );
-        }
+        progress(k + 1, n_chunks, (nll / count as f64).exp());
     }
-    let with_ref = ref_session.is_some();
-    let report = PerplexityReport {
+    let with_ref = reference.is_some();
+    Ok(PerplexityReport {
         tokens: count,
         chunks: n_chunks,
         n_ctx,
         perplexity: (nll / count as f64).exp(),
         mean_kl_divergence: with_ref.then(|| kl / count as f64),
         top1_agreement: with_ref.then(|| agree as f64 / count as f64),
-    };
-    if c.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!(
-            "perplexity {:.4} over {} tokens ({} chunks of {})",
-            report.perplexity, report.tokens, report.chunks, report.n_ctx
-        );
-        if let (Some(kl), Some(a)) = (report.mean_kl_divergence, report.top1_agreement) {
-            println!(
-                "mean KL divergence {kl:.6} nats | top-1 agreement {:.2}%",
-                100.0 * a
-            );
-        }
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -1,36 +1,48 @@
-//! `falcon-infer plan`: what goes where and how much memory each device needs, computed from
-//! tensor shapes and types alone (nothing is loaded).
+//! Memory plans: what goes where and how much memory each device needs, computed from tensor
+//! shapes and types alone (nothing is loaded).
 //!
 //! The layout follows llama.cpp's: the token embedding stays on the CPU; the last `gpu_layers`
 //! of the `n_layer + 1` offloadable layers (the output norm and matrix count as the last one)
-//! go to GPUs, split in contiguous runs in proportion to each GPU's memory; each layer's KV
-//! cache lives with it; every device that holds layers needs a compute buffer.
+//! leave the CPU and are split over the offload devices (local GPUs, then RPC workers) in
+//! contiguous runs in proportion to their memory; each layer's KV cache lives with it (one
+//! `n_ctx` per sequence); every device that holds layers needs a compute buffer.
+//!
+//! With RPC workers, the plan also counts the bytes that cross the network: at every boundary
+//! between two devices of which one is remote the hidden state of each token (f32, `n_embd`
+//! values) crosses once (twice between two workers: ggml copies through the client), and the
+//! logits (f32, `n_vocab` values) of each token that needs them come back from a remote output
+//! layer.
 
 use std::path::Path;
 
-use anyhow::{bail, Context as _};
 use serde::Serialize;
 
 use super::{source, Bits};
-use crate::engine::{DeviceKind, Engine, GpuLayers};
+use crate::engine::GpuLayers;
 
-/// Plan settings.
-#[derive(Debug, Clone)]
-pub struct PlanConfig {
-    /// GGUF file, checkpoint directory, or a named shape.
-    pub model: String,
-    /// Bits for a checkpoint or named shape.
-    pub bits: Bits,
-    /// Context size.
-    pub n_ctx: u32,
-    /// Batch size (compute buffers are sized for `min(batch, 512)` tokens, llama.cpp's ubatch).
-    pub n_batch: u32,
-    /// Free memory per GPU; `None` = ask the GPUs present.
-    pub vram: Option<Vec<u64>>,
-    /// Layers on GPUs.
-    pub gpu_layers: GpuLayers,
-    /// JSON output.
-    pub json: bool,
+/// Why no plan could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// Not a file, directory or known shape.
+    #[error("model not found: {0} is not a file, a directory, or one of falcon-7b, falcon-40b, falcon-180b")]
+    NotFound(String),
+    /// The GGUF is invalid.
+    #[error(transparent)]
+    Source(#[from] source::SourceError),
+    /// The GGUF lacks a key or has a tensor outside its blocks.
+    #[error("{}: {why}", path.display())]
+    Gguf {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The checkpoint's config is invalid.
+    #[error(transparent)]
+    Convert(#[from] convert::ConvertError),
+    /// A row length that the chosen type cannot hold.
+    #[error(transparent)]
+    Quant(#[from] quant::QuantError),
 }
 
 /// The model's dimensions and the bytes of each group of tensors.
@@ -68,11 +80,24 @@ impl ModelSizes {
     }
 }
 
+/// A device to plan for.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceSpec {
+    /// `GPU0`, `RPC0[host:port]`, ...
+    pub name: String,
+    /// Memory it offers, in bytes.
+    pub capacity: u64,
+    /// Whether it is an RPC worker.
+    pub remote: bool,
+}
+
 /// What one device holds.
 #[derive(Debug, Clone, Serialize)]
 pub struct DevicePlan {
-    /// `CPU`, `GPU0`, ...
+    /// `CPU`, `GPU0`, `RPC0[host:port]`, ...
     pub device: String,
+    /// Whether it is an RPC worker.
+    pub remote: bool,
     /// Its memory, when known.
     pub capacity: Option<u64>,
     /// Blocks it holds, as a half-open range.
@@ -93,6 +118,21 @@ impl DevicePlan {
     pub fn total(&self) -> u64 {
         self.weights + self.kv_cache + self.compute
     }
+
+    /// Whether it fits its capacity.
+    #[must_use]
+    pub fn fits(&self) -> bool {
+        self.capacity.is_none_or(|c| self.total() <= c)
+    }
+}
+
+/// Bytes that cross the network.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct NetworkBytes {
+    /// Per generated token.
+    pub per_generated_token: u64,
+    /// Per prompt token (a long prompt: the logits of its last token are negligible).
+    pub per_prompt_token: u64,
 }
 
 /// A full plan.
@@ -100,23 +140,43 @@ impl DevicePlan {
 pub struct Plan {
     /// The model.
     pub model: ModelSizes,
-    /// Context size.
+    /// Context size per sequence.
     pub n_ctx: u32,
-    /// Layers on GPUs (of `n_layer + 1`).
+    /// Sequences (each with `n_ctx`).
+    pub n_seq: u32,
+    /// Layers off the CPU (of `n_layer + 1`).
     pub gpu_layers: u64,
-    /// Per device.
+    /// Per device: the CPU first, then the offload devices in order.
     pub devices: Vec<DevicePlan>,
     /// Sum over devices.
     pub total: u64,
+    /// Network traffic, when RPC workers hold layers.
+    pub network: Option<NetworkBytes>,
 }
 
-fn shape_sizes(name: &str, cfg: &convert::FalconConfig, bits: Bits) -> anyhow::Result<ModelSizes> {
+impl Plan {
+    /// Whether every device's share fits its capacity.
+    #[must_use]
+    pub fn fits(&self) -> bool {
+        self.devices.iter().all(DevicePlan::fits)
+    }
+}
+
+/// The sizes of a checkpoint's config or a named shape at `bits`.
+///
+/// # Errors
+/// A row length that the chosen type cannot hold.
+pub fn shape_sizes(
+    name: &str,
+    cfg: &convert::FalconConfig,
+    bits: Bits,
+) -> Result<ModelSizes, PlanError> {
     let shape = convert::FalconShape {
         name: "checkpoint",
         config: cfg.clone(),
     };
     let file_type = convert::rules::FileType::for_bits(bits.get(), cfg.hidden_size)
-        .context("no file type for these bits")?;
+        .expect("4 and 8 bits have a file type");
     let tied = cfg.tie_word_embeddings;
     let mut layer_bytes = vec![0u64; cfg.n_layer as usize];
     let (mut embd_bytes, mut output_bytes) = (0u64, 0u64);
@@ -131,10 +191,7 @@ fn shape_sizes(name: &str, cfg: &convert::FalconConfig, bits: Bits) -> anyhow::R
         };
         let (ty, _) = convert::rules::choose(&ctx);
         let rows: u64 = dims[1..].iter().product();
-        let bytes = ty
-            .row_bytes(dims[0] as usize)
-            .with_context(|| format!("row of {tname}"))? as u64
-            * rows;
+        let bytes = ty.row_bytes(dims[0] as usize)? as u64 * rows;
         match layer {
             Some(l) => layer_bytes[l as usize] += bytes,
             None if tname == "token_embd.weight" => {
@@ -161,17 +218,26 @@ fn shape_sizes(name: &str, cfg: &convert::FalconConfig, bits: Bits) -> anyhow::R
     })
 }
 
-fn gguf_sizes(path: &Path) -> anyhow::Result<ModelSizes> {
+fn gguf_sizes(path: &Path) -> Result<ModelSizes, PlanError> {
     source::validate_gguf(path)?;
-    let r = convert::gguf::GgufReader::open(path)?;
-    let get = |k: &str| -> anyhow::Result<u64> {
+    let r = convert::gguf::GgufReader::open(path).map_err(|source| {
+        source::SourceError::InvalidGguf {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    let bad = |why: String| PlanError::Gguf {
+        path: path.to_path_buf(),
+        why,
+    };
+    let get = |k: &str| -> Result<u64, PlanError> {
         r.get(k)
-            .and_then(|v| v.as_u64())
-            .with_context(|| format!("{} lacks {k}", path.display()))
+            .and_then(convert::gguf::Value::as_u64)
+            .ok_or_else(|| bad(format!("lacks {k}")))
     };
     use convert::gguf::keys;
     let n_layer = get(keys::BLOCK_COUNT)?;
-    let mut layer_bytes = vec![0u64; n_layer as usize];
+    let mut layer_bytes = vec![0u64; usize::try_from(n_layer).unwrap_or(usize::MAX).min(1 << 16)];
     let (mut embd_bytes, mut output_bytes, mut has_output) = (0, 0, false);
     for t in r.tensors() {
         let layer = t
@@ -181,7 +247,7 @@ fn gguf_sizes(path: &Path) -> anyhow::Result<ModelSizes> {
             .and_then(|n| n.parse::<usize>().ok());
         match layer {
             Some(l) if l < layer_bytes.len() => layer_bytes[l] += t.n_bytes,
-            Some(_) => bail!("{}: tensor {} is past block_count", path.display(), t.name),
+            Some(_) => return Err(bad(format!("tensor {} is past block_count", t.name))),
             None if t.name == "token_embd.weight" => embd_bytes += t.n_bytes,
             None => {
                 has_output |= t.name == "output.weight";
@@ -193,7 +259,9 @@ fn gguf_sizes(path: &Path) -> anyhow::Result<ModelSizes> {
         output_bytes += embd_bytes;
     }
     let n_embd = get(keys::EMBEDDING_LENGTH)?;
-    let ft = r.get(keys::GENERAL_FILE_TYPE).and_then(|v| v.as_u64());
+    let ft = r
+        .get(keys::GENERAL_FILE_TYPE)
+        .and_then(convert::gguf::Value::as_u64);
     Ok(ModelSizes {
         name: path.display().to_string(),
         file_type: ft
@@ -222,27 +290,25 @@ fn gguf_sizes(path: &Path) -> anyhow::Result<ModelSizes> {
 ///
 /// # Errors
 /// Unknown names, invalid files, directories that are not checkpoints.
-pub fn model_sizes(model: &str, bits: Bits) -> anyhow::Result<ModelSizes> {
+pub fn model_sizes(model: &str, bits: Bits) -> Result<ModelSizes, PlanError> {
     let p = Path::new(model);
     if p.is_file() {
         return gguf_sizes(p);
     }
     if p.is_dir() {
-        let cfg = convert::FalconConfig::from_dir(p)
-            .with_context(|| format!("{} is not a Falcon checkpoint", p.display()))?;
+        let cfg = convert::FalconConfig::from_dir(p)?;
         return shape_sizes(model, &cfg, bits);
     }
     match convert::FalconShape::named(model) {
         Some(s) => shape_sizes(s.name, &s.config, bits),
-        None => bail!(
-            "model not found: {model} is not a file, a directory, or one of {}",
-            convert::FalconShape::NAMES.join(", ")
-        ),
+        None => Err(PlanError::NotFound(model.to_string())),
     }
 }
 
-/// Bytes of KV cache per layer: K and V, f16, `n_ctx` positions of `n_head_kv` heads.
-fn kv_per_layer(m: &ModelSizes, n_ctx: u64) -> u64 {
+/// Bytes of KV cache per layer and sequence: K and V, f16, `n_ctx` positions of `n_head_kv`
+/// heads.
+#[must_use]
+pub fn kv_per_layer(m: &ModelSizes, n_ctx: u64) -> u64 {
     let head_dim = m.n_embd / m.n_head.max(1);
     2 * n_ctx * m.n_head_kv * head_dim * 2
 }
@@ -250,8 +316,8 @@ fn kv_per_layer(m: &ModelSizes, n_ctx: u64) -> u64 {
 /// Estimated compute buffer of a device that evaluates `ubatch` tokens: the largest
 /// intermediate tensors of one layer (FFN activations, attention scores, QKV) plus, on the
 /// device holding the output, the logits.
-fn compute_bytes(m: &ModelSizes, n_ctx: u64, ubatch: u64, with_output: bool) -> u64 {
-    let per_layer = 4 * ubatch * (2 * m.n_ff + 4 * m.n_embd + m.n_head * n_ctx);
+fn compute_bytes(m: &ModelSizes, n_kv: u64, ubatch: u64, with_output: bool) -> u64 {
+    let per_layer = 4 * ubatch * (2 * m.n_ff + 4 * m.n_embd + m.n_head * n_kv);
     let logits = if with_output {
         4 * ubatch * m.n_vocab
     } else {
@@ -260,23 +326,44 @@ fn compute_bytes(m: &ModelSizes, n_ctx: u64, ubatch: u64, with_output: bool) -> 
     per_layer + logits
 }
 
+/// What to plan for.
+#[derive(Debug, Clone)]
+pub struct PlanInput<'a> {
+    /// Context size per sequence.
+    pub n_ctx: u32,
+    /// Sequences (a server's `--parallel`).
+    pub n_seq: u32,
+    /// Batch size (compute buffers are sized for `min(batch, 512)` tokens, llama.cpp's ubatch).
+    pub n_batch: u32,
+    /// The offload devices in order: local GPUs, then RPC workers.
+    pub devices: &'a [DeviceSpec],
+    /// The CPU's memory, when it should be checked.
+    pub cpu_capacity: Option<u64>,
+    /// Layers off the CPU.
+    pub gpu_layers: GpuLayers,
+}
+
 /// Plans the placement.
 #[must_use]
-pub fn plan(m: &ModelSizes, n_ctx: u32, n_batch: u32, vram: &[u64], gpu_layers: GpuLayers) -> Plan {
+pub fn plan(m: &ModelSizes, input: &PlanInput<'_>) -> Plan {
     let n_off = m.n_layer + 1; // the output layer counts as one
-    let ubatch = u64::from(n_batch.min(512));
-    let kv = kv_per_layer(m, u64::from(n_ctx));
+    let ubatch = u64::from(input.n_batch.min(512));
+    let n_seq = u64::from(input.n_seq.max(1));
+    let kv = kv_per_layer(m, u64::from(input.n_ctx)) * n_seq;
+    // Attention over the whole cache of one sequence (a unified cache holds them all).
+    let n_kv = u64::from(input.n_ctx) * n_seq;
+    let devs = input.devices;
     let assign = |n_gpu: u64| -> Vec<DevicePlan> {
         let start = n_off - n_gpu;
-        let total_vram: u64 = vram.iter().sum::<u64>().max(1);
-        let mut devices = Vec::new();
+        let total_mem: u64 = devs.iter().map(|d| d.capacity).sum::<u64>().max(1);
+        let mut out = Vec::new();
         let mut next = start;
-        for (g, &cap) in vram.iter().enumerate() {
-            // Contiguous runs in proportion to each GPU's memory (llama.cpp's default split).
-            let share = if g + 1 == vram.len() {
+        for (g, d) in devs.iter().enumerate() {
+            // Contiguous runs in proportion to each device's memory (llama.cpp's default split).
+            let share = if g + 1 == devs.len() {
                 n_off - next
             } else {
-                ((n_gpu as f64) * cap as f64 / total_vram as f64).round() as u64
+                ((n_gpu as f64) * d.capacity as f64 / total_mem as f64).round() as u64
             };
             let end = (next + share).min(n_off);
             let output = end == n_off && next < end;
@@ -285,17 +372,16 @@ pub fn plan(m: &ModelSizes, n_ctx: u32, n_batch: u32, vram: &[u64], gpu_layers: 
                 .map(|i| m.layer_bytes[i as usize])
                 .sum::<u64>()
                 + if output { m.output_bytes } else { 0 };
-            let kv_cache = (blocks_end.saturating_sub(next)) * kv;
-            let holds = end > next;
-            devices.push(DevicePlan {
-                device: format!("GPU{g}"),
-                capacity: Some(cap),
+            out.push(DevicePlan {
+                device: d.name.clone(),
+                remote: d.remote,
+                capacity: Some(d.capacity),
                 layers: (blocks_end > next).then_some((next, blocks_end)),
                 output,
                 weights,
-                kv_cache,
-                compute: if holds {
-                    compute_bytes(m, u64::from(n_ctx), ubatch, output)
+                kv_cache: blocks_end.saturating_sub(next) * kv,
+                compute: if end > next {
+                    compute_bytes(m, n_kv, ubatch, output)
                 } else {
                     0
                 },
@@ -304,11 +390,12 @@ pub fn plan(m: &ModelSizes, n_ctx: u32, n_batch: u32, vram: &[u64], gpu_layers: 
         }
         let cpu_end = start.min(m.n_layer);
         let cpu_output = n_gpu == 0;
-        devices.insert(
+        out.insert(
             0,
             DevicePlan {
                 device: "CPU".into(),
-                capacity: None,
+                remote: false,
+                capacity: input.cpu_capacity,
                 layers: (cpu_end > 0).then_some((0, cpu_end)),
                 output: cpu_output,
                 weights: m.embd_bytes
@@ -317,113 +404,122 @@ pub fn plan(m: &ModelSizes, n_ctx: u32, n_batch: u32, vram: &[u64], gpu_layers: 
                 kv_cache: cpu_end * kv,
                 // With every layer offloaded the CPU only gathers the input embeddings.
                 compute: if cpu_end > 0 || cpu_output {
-                    compute_bytes(m, u64::from(n_ctx), ubatch, cpu_output)
+                    compute_bytes(m, n_kv, ubatch, cpu_output)
                 } else {
                     4 * ubatch * m.n_embd
                 },
             },
         );
-        devices
+        out
     };
-    let n_gpu = if vram.is_empty() {
+    let n_gpu = if devs.is_empty() {
         0
     } else {
-        match gpu_layers {
+        match input.gpu_layers {
             GpuLayers::All => n_off,
             GpuLayers::Count(n) => u64::from(n).min(n_off),
-            GpuLayers::Auto => (0..=n_off)
-                .rev()
-                .find(|&n| {
-                    assign(n)
-                        .iter()
-                        .all(|d| d.capacity.is_none_or(|c| d.total() <= c))
-                })
-                .unwrap_or(0),
+            GpuLayers::Auto => {
+                let most = (0..=n_off)
+                    .rev()
+                    .find(|&n| assign(n).iter().skip(1).all(DevicePlan::fits))
+                    .unwrap_or(0);
+                // With workers and no local GPU, the CPU takes its share by memory, as at run
+                // time (see engine::placement), when that share fits.
+                match (
+                    input.cpu_capacity,
+                    devs.iter().any(|d| d.remote),
+                    devs.iter().any(|d| !d.remote),
+                ) {
+                    (Some(cpu), true, false) => {
+                        let all = cpu + devs.iter().map(|d| d.capacity).sum::<u64>();
+                        let cpu_layers =
+                            ((n_off as f64) * cpu as f64 / all.max(1) as f64).round() as u64;
+                        let n = n_off - cpu_layers.min(n_off);
+                        if assign(n).iter().all(DevicePlan::fits) {
+                            n
+                        } else {
+                            most
+                        }
+                    }
+                    _ => most,
+                }
+            }
         }
     };
     let devices = assign(n_gpu);
     let total = devices.iter().map(DevicePlan::total).sum();
+    let network = devices
+        .iter()
+        .any(|d| d.remote && (d.layers.is_some() || d.output))
+        .then(|| network_bytes(m, &devices));
     Plan {
         model: m.clone(),
-        n_ctx,
+        n_ctx: input.n_ctx,
+        n_seq: input.n_seq.max(1),
         gpu_layers: n_gpu,
         devices,
         total,
+        network,
     }
 }
 
-fn gb(b: u64) -> String {
-    format!("{:.2} GB", b as f64 / 1e9)
-}
-
-/// The `plan` command.
-///
-/// # Errors
-/// Model resolution failures.
-pub fn run(c: &PlanConfig) -> anyhow::Result<()> {
-    let sizes = model_sizes(&c.model, c.bits)?;
-    let vram = match &c.vram {
-        Some(v) => v.clone(),
-        None => {
-            let engine = Engine::init(false)?;
-            engine
-                .devices()
-                .into_iter()
-                .filter(|d| d.kind == DeviceKind::Gpu)
-                .map(|d| d.free)
-                .collect()
-        }
-    };
-    let p = plan(&sizes, c.n_ctx, c.n_batch, &vram, c.gpu_layers);
-    if c.json {
-        println!("{}", serde_json::to_string_pretty(&p)?);
-        return Ok(());
-    }
-    let m = &p.model;
-    println!(
-        "{} ({}): {} layers, hidden {}, {} heads ({} KV), ffn {}, vocab {}",
-        m.name, m.file_type, m.n_layer, m.n_embd, m.n_head, m.n_head_kv, m.n_ff, m.n_vocab
+/// Bytes crossing the network for one token, from the chain of devices that hold layers.
+fn network_bytes(m: &ModelSizes, devices: &[DevicePlan]) -> NetworkBytes {
+    // The CPU always computes the input embedding; then the devices holding layers, in order.
+    let mut chain: Vec<bool> = vec![false];
+    chain.extend(
+        devices
+            .iter()
+            .skip(1)
+            .filter(|d| d.layers.is_some() || d.output)
+            .map(|d| d.remote),
     );
-    println!(
-        "weights {} | context {} tokens | {} of {} layers on GPU",
-        gb(m.total_weights()),
-        p.n_ctx,
-        p.gpu_layers,
-        m.n_layer + 1
-    );
-    println!(
-        "{:<6} {:>12} {:>12} {:>10} {:>10} {:>12} {:>12}",
-        "device", "layers", "weights", "KV cache", "compute", "total", "capacity"
-    );
-    for d in &p.devices {
-        let layers = match (d.layers, d.output) {
-            (Some((a, b)), true) => format!("{a}-{}+out", b - 1),
-            (Some((a, b)), false) => format!("{a}-{}", b - 1),
-            (None, true) => "out".into(),
-            (None, false) => "-".into(),
+    let hidden = 4 * m.n_embd;
+    let mut per_token = 0;
+    for w in chain.windows(2) {
+        per_token += match (w[0], w[1]) {
+            (false, false) => 0,
+            (true, true) => 2 * hidden,
+            _ => hidden,
         };
-        println!(
-            "{:<6} {:>12} {:>12} {:>10} {:>10} {:>12} {:>12}",
-            d.device,
-            layers,
-            gb(d.weights),
-            gb(d.kv_cache),
-            gb(d.compute),
-            gb(d.total()),
-            d.capacity.map_or_else(|| "-".into(), gb)
-        );
     }
-    println!("total  {}", gb(p.total));
-    Ok(())
+    let out_remote = devices.iter().any(|d| d.output && d.remote);
+    let logits = if out_remote { 4 * m.n_vocab } else { 0 };
+    NetworkBytes {
+        per_generated_token: per_token + logits,
+        per_prompt_token: per_token,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn input(devices: &[DeviceSpec]) -> PlanInput<'_> {
+        PlanInput {
+            n_ctx: 2048,
+            n_seq: 1,
+            n_batch: 512,
+            devices,
+            cpu_capacity: None,
+            gpu_layers: GpuLayers::Auto,
+        }
+    }
+
+    fn gpus(gb: &[u64]) -> Vec<DeviceSpec> {
+        gb.iter()
+            .enumerate()
+            .map(|(i, &g)| DeviceSpec {
+                name: format!("GPU{i}"),
+                capacity: g * 1_000_000_000,
+                remote: false,
+            })
+            .collect()
+    }
+
     fn total_gb(name: &str, bits: u32) -> f64 {
         let m = model_sizes(name, Bits::from_u32(bits).unwrap()).unwrap();
-        plan(&m, 2048, 512, &[], GpuLayers::Auto).total as f64 / 1e9
+        plan(&m, &input(&[])).total as f64 / 1e9
     }
 
     #[test]
@@ -437,44 +533,28 @@ mod tests {
     #[test]
     fn auto_fits_within_each_gpu() {
         let m = model_sizes("falcon-40b", Bits::Four).unwrap();
-        let p = plan(
-            &m,
-            2048,
-            512,
-            &[10_000_000_000, 10_000_000_000],
-            GpuLayers::Auto,
-        );
+        let devs = gpus(&[10, 10]);
+        let p = plan(&m, &input(&devs));
         assert!(p.gpu_layers > 0 && p.gpu_layers < m.n_layer + 1);
-        for d in &p.devices {
-            if let Some(c) = d.capacity {
-                assert!(d.total() <= c, "{d:?}");
-            }
-        }
-        let big = plan(
-            &m,
-            2048,
-            512,
-            &[24_000_000_000, 24_000_000_000],
-            GpuLayers::Auto,
-        );
+        assert!(p.fits());
+        let devs = gpus(&[24, 24]);
+        let big = plan(&m, &input(&devs));
         assert_eq!(
             big.gpu_layers,
             m.n_layer + 1,
             "40B at 4 bits fits on two 24 GB GPUs"
         );
+        assert!(big.network.is_none());
     }
 
     #[test]
     fn layers_are_covered_once() {
         let m = model_sizes("falcon-7b", Bits::Eight).unwrap();
+        let devs = gpus(&[8, 8]);
         for n in [0, 5, 33] {
-            let p = plan(
-                &m,
-                2048,
-                512,
-                &[8e9 as u64, 8e9 as u64],
-                GpuLayers::Count(n),
-            );
+            let mut i = input(&devs);
+            i.gpu_layers = GpuLayers::Count(n);
+            let p = plan(&m, &i);
             let blocks: u64 = p
                 .devices
                 .iter()
@@ -486,5 +566,52 @@ mod tests {
             let w: u64 = p.devices.iter().map(|d| d.weights).sum();
             assert_eq!(w, m.total_weights());
         }
+    }
+
+    #[test]
+    fn parallel_sequences_multiply_the_kv_cache() {
+        let m = model_sizes("falcon-7b", Bits::Four).unwrap();
+        let one = plan(&m, &input(&[]));
+        let mut i = input(&[]);
+        i.n_seq = 4;
+        let four = plan(&m, &i);
+        assert_eq!(four.devices[0].kv_cache, 4 * one.devices[0].kv_cache);
+        // 7B: 32 layers × 2048 positions × 1 KV head × 64 × K and V × f16 = 16 MiB per sequence.
+        assert_eq!(one.devices[0].kv_cache, 32 * 2048 * 64 * 2 * 2);
+    }
+
+    #[test]
+    fn falcon_180b_at_4_bits_fits_three_machines_of_48_gb() {
+        let m = model_sizes("falcon-180b", Bits::Four).unwrap();
+        let devs = vec![
+            DeviceSpec {
+                name: "GPU0".into(),
+                capacity: 48 << 30,
+                remote: false,
+            },
+            DeviceSpec {
+                name: "RPC0[a:50052]".into(),
+                capacity: 48 << 30,
+                remote: true,
+            },
+            DeviceSpec {
+                name: "RPC1[b:50052]".into(),
+                capacity: 48 << 30,
+                remote: true,
+            },
+        ];
+        let p = plan(&m, &input(&devs));
+        assert_eq!(p.gpu_layers, m.n_layer + 1, "all 81 layers leave the CPU");
+        assert!(p.fits(), "{:?}", p.devices);
+        for d in &p.devices[1..] {
+            assert!(d.layers.is_some(), "{} holds layers", d.device);
+        }
+        let net = p.network.expect("workers hold layers");
+        // GPU0 → RPC0 (once), RPC0 → RPC1 (twice), logits back from RPC1.
+        assert_eq!(net.per_prompt_token, 3 * 4 * 14848);
+        assert_eq!(net.per_generated_token, 3 * 4 * 14848 + 4 * 65024);
+        // Two machines of 48 GB cannot hold it.
+        let p2 = plan(&m, &input(&devs[..2]));
+        assert!(p2.gpu_layers < m.n_layer + 1);
     }
 }

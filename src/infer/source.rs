@@ -3,9 +3,9 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
-
-use anyhow::{bail, Context as _};
 
 /// Weight bits for a checkpoint directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,14 +27,12 @@ impl Bits {
     }
 
     /// From 4 or 8.
-    ///
-    /// # Errors
-    /// Any other number.
-    pub fn from_u32(n: u32) -> anyhow::Result<Self> {
+    #[must_use]
+    pub fn from_u32(n: u32) -> Option<Self> {
         match n {
-            4 => Ok(Bits::Four),
-            8 => Ok(Bits::Eight),
-            _ => bail!("--bits {n} is not supported; use 4 or 8"),
+            4 => Some(Bits::Four),
+            8 => Some(Bits::Eight),
+            _ => None,
         }
     }
 }
@@ -46,6 +44,59 @@ pub struct ModelSpec {
     pub path: PathBuf,
     /// Bits when `path` is a checkpoint directory.
     pub bits: Bits,
+}
+
+/// Why a model could not be resolved to a GGUF file.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Nothing at the path.
+    #[error("model not found: {} (give a GGUF file or a Hugging Face checkpoint directory)", .0.display())]
+    NotFound(PathBuf),
+    /// A file that is not a valid GGUF.
+    #[error("{} is not a valid GGUF file (re-create it with falcon-quantize, or pass a checkpoint directory)", path.display())]
+    InvalidGguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: convert::gguf::GgufError,
+    },
+    /// A GGUF of another architecture.
+    #[error("{} is a GGUF for architecture {architecture:?}, not falcon; this tool runs Falcon models", path.display())]
+    NotFalcon {
+        /// The file.
+        path: PathBuf,
+        /// Its `general.architecture`.
+        architecture: String,
+    },
+    /// A directory that is not a Falcon checkpoint.
+    #[error("{} is not a Falcon checkpoint: {why} (expected config.json, tokenizer.json and *.safetensors from a Hugging Face Falcon model, or a GGUF file)", path.display())]
+    NotACheckpoint {
+        /// The directory.
+        path: PathBuf,
+        /// Why not.
+        why: String,
+    },
+    /// Reading the checkpoint or its cache failed.
+    #[error("reading {}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The checkpoint directory is read-only and there is no user cache directory.
+    #[error("{} is read-only and there is no user cache directory to keep its quantized copy in; convert it with falcon-quantize -o FILE.gguf and pass the file", .0.display())]
+    NoCacheDir(PathBuf),
+    /// Quantizing the checkpoint failed.
+    #[error("quantizing checkpoint {}", path.display())]
+    Convert {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: convert::ConvertError,
+    },
 }
 
 /// What a validated GGUF holds, as far as the CLI cares.
@@ -64,21 +115,18 @@ pub struct GgufSummary {
 ///
 /// # Errors
 /// A clear message naming the file and what is wrong with it.
-pub fn validate_gguf(path: &Path) -> anyhow::Result<GgufSummary> {
-    let reader = convert::gguf::GgufReader::open(path).with_context(|| {
-        format!(
-            "{} is not a valid GGUF file (re-create it with falcon-quantize, or pass a \
-             checkpoint directory)",
-            path.display()
-        )
-    })?;
+pub fn validate_gguf(path: &Path) -> Result<GgufSummary, SourceError> {
+    let reader =
+        convert::gguf::GgufReader::open(path).map_err(|source| SourceError::InvalidGguf {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let architecture = reader.architecture().unwrap_or("").to_string();
     if architecture != convert::gguf::keys::ARCH_FALCON {
-        bail!(
-            "{} is a GGUF for architecture {:?}, not falcon; this tool runs Falcon models",
-            path.display(),
-            architecture
-        );
+        return Err(SourceError::NotFalcon {
+            path: path.to_path_buf(),
+            architecture,
+        });
     }
     Ok(GgufSummary {
         path: path.to_path_buf(),
@@ -88,19 +136,19 @@ pub fn validate_gguf(path: &Path) -> anyhow::Result<GgufSummary> {
 }
 
 /// Resolves the user's model to a validated GGUF file, quantizing a checkpoint directory
-/// into the cache when needed. Progress and the cache location go to stderr.
+/// into the cache when needed (`progress` is called with bytes done and total). Where the cache
+/// is and whether it was reused are `tracing` notices.
 ///
 /// # Errors
 /// Missing paths, invalid GGUFs, directories that are not Falcon checkpoints, and conversion
 /// failures.
-pub fn resolve(spec: &ModelSpec, quiet: bool) -> anyhow::Result<GgufSummary> {
+pub fn resolve(
+    spec: &ModelSpec,
+    progress: Option<Arc<convert::ProgressFn>>,
+    cancel: Option<Arc<AtomicBool>>,
+) -> Result<GgufSummary, SourceError> {
     let path = &spec.path;
-    let meta = fs::metadata(path).with_context(|| {
-        format!(
-            "model not found: {} (give a GGUF file or a Hugging Face checkpoint directory)",
-            path.display()
-        )
-    })?;
+    let meta = fs::metadata(path).map_err(|_| SourceError::NotFound(path.clone()))?;
     if meta.is_file() {
         return validate_gguf(path);
     }
@@ -112,64 +160,42 @@ pub fn resolve(spec: &ModelSpec, quiet: bool) -> anyhow::Result<GgufSummary> {
     if cached.is_file() {
         match validate_gguf(&cached) {
             Ok(summary) => {
-                if !quiet {
-                    eprintln!(
-                        "using cached {}-bit model {}",
-                        spec.bits.get(),
-                        cached.display()
-                    );
-                }
+                tracing::info!(
+                    "using cached {}-bit model {}",
+                    spec.bits.get(),
+                    cached.display()
+                );
                 return Ok(summary);
             }
-            Err(e) => eprintln!("warning: cached model is unusable, re-creating it: {e:#}"),
+            Err(e) => tracing::warn!("the cached model is unusable, re-creating it: {e}"),
         }
     }
-    if !quiet {
-        eprintln!(
-            "quantizing {} to {} bits once; the result is cached at {}",
-            path.display(),
-            spec.bits.get(),
-            cached.display()
-        );
-    }
+    tracing::info!(
+        "quantizing {} to {} bits once; the result is cached at {}",
+        path.display(),
+        spec.bits.get(),
+        cached.display()
+    );
     remove_stale(&dir, spec.bits, &file_name);
-    let mut opts = convert::Options {
+    let opts = convert::Options {
         target: convert::Target::Bits(spec.bits.get()),
+        progress,
+        cancel,
         ..Default::default()
     };
-    let bar = (!quiet).then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    });
-    if let Some(bar) = bar.clone() {
-        opts.progress = Some(std::sync::Arc::new(move |done: u64, total: u64| {
-            bar.set_length(total);
-            bar.set_position(done);
-        }));
-    }
-    convert::quantize_checkpoint(path, &cached, &opts)
-        .with_context(|| format!("quantizing checkpoint {}", path.display()))?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    convert::quantize_checkpoint(path, &cached, &opts).map_err(|source| SourceError::Convert {
+        path: path.clone(),
+        source,
+    })?;
     validate_gguf(&cached)
 }
 
 /// A directory is taken for a Falcon checkpoint when its `config.json` names a Falcon model
 /// type and it holds `.safetensors` weights.
-fn check_checkpoint(dir: &Path) -> anyhow::Result<()> {
-    let not = |why: String| {
-        anyhow::anyhow!(
-            "{} is not a Falcon checkpoint: {why} (expected config.json, tokenizer.json and \
-             *.safetensors from a Hugging Face Falcon model, or a GGUF file)",
-            dir.display()
-        )
+fn check_checkpoint(dir: &Path) -> Result<(), SourceError> {
+    let not = |why: String| SourceError::NotACheckpoint {
+        path: dir.to_path_buf(),
+        why,
     };
     let config = dir.join("config.json");
     let text = fs::read_to_string(&config).map_err(|_| not("no readable config.json".into()))?;
@@ -197,9 +223,16 @@ fn check_checkpoint(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn safetensors_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
+    move |source| SourceError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir)
-        .with_context(|| format!("reading directory {}", dir.display()))?
+        .map_err(io_err(dir))?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
@@ -208,32 +241,55 @@ fn safetensors_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// FNV-1a, 64 bit: a stable hash (std's `DefaultHasher` may change between Rust releases).
+/// FNV-1a, 64 bit, of `bytes`: a stable hash (std's `DefaultHasher` may change between Rust
+/// releases).
+fn fnv1a(state: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(state, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// A hash of a sequence of byte strings: FNV-1a with a separator after each, so that
+/// ("ab", "c") and ("a", "bc") differ.
 #[derive(Debug)]
 struct Fnv(u64);
 
 impl Fnv {
     fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
+        Fnv(FNV_OFFSET)
     }
+
     fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-        // A separator so that ("ab","c") and ("a","bc") differ.
-        self.0 ^= 0xff;
-        self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        self.0 = (fnv1a(self.0, bytes) ^ 0xff).wrapping_mul(0x0100_0000_01b3);
     }
 }
 
-/// The cache key: config.json's bytes, each safetensors file's name, size and mtime, the bits
-/// and this tool's version.
-fn cache_key(dir: &Path, bits: Bits) -> anyhow::Result<u64> {
+/// The files besides the weights that go into the GGUF (a change to any of them must produce a
+/// new cache file): the config, the tokenizer and its settings.
+const INPUT_FILES: [&str; 4] = [
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// The cache key: the bytes of every input file the conversion reads, each safetensors file's
+/// name, size and mtime, the bits and this tool's version.
+fn cache_key(dir: &Path, bits: Bits) -> Result<u64, SourceError> {
     let mut h = Fnv::new();
-    h.write(&fs::read(dir.join("config.json")).context("reading config.json")?);
+    for name in INPUT_FILES {
+        let p = dir.join(name);
+        h.write(name.as_bytes());
+        match fs::read(&p) {
+            Ok(bytes) => h.write(&bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => h.write(b"<absent>"),
+            Err(e) => return Err(io_err(&p)(e)),
+        }
+    }
     for f in safetensors_files(dir)? {
-        let m = fs::metadata(&f).with_context(|| format!("reading {}", f.display()))?;
+        let m = fs::metadata(&f).map_err(io_err(&f))?;
         let mtime = m
             .modified()
             .ok()
@@ -253,14 +309,11 @@ fn cache_key(dir: &Path, bits: Bits) -> anyhow::Result<u64> {
 }
 
 /// The checkpoint directory itself when it is writable, else `<user cache>/falcon/<name>/`.
-fn cache_dir_for(dir: &Path) -> anyhow::Result<PathBuf> {
+fn cache_dir_for(dir: &Path) -> Result<PathBuf, SourceError> {
     if tempfile_probe(dir) {
         return Ok(dir.to_path_buf());
     }
-    let base = dirs::cache_dir().context(
-        "the checkpoint directory is read-only and there is no user cache directory; \
-         convert it with falcon-quantize -o FILE.gguf and pass the file",
-    )?;
+    let base = dirs::cache_dir().ok_or_else(|| SourceError::NoCacheDir(dir.to_path_buf()))?;
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let mut h = Fnv::new();
     h.write(canonical.as_os_str().as_encoded_bytes());
@@ -270,8 +323,7 @@ fn cache_dir_for(dir: &Path) -> anyhow::Result<PathBuf> {
     let out = base
         .join("falcon")
         .join(format!("{name}-{:08x}", h.0 as u32));
-    fs::create_dir_all(&out)
-        .with_context(|| format!("creating cache directory {}", out.display()))?;
+    fs::create_dir_all(&out).map_err(io_err(&out))?;
     Ok(out)
 }
 
@@ -306,14 +358,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fnv_is_stable() {
-        let mut h = Fnv::new();
-        h.write(b"falcon");
-        assert_eq!(h.0, {
-            let mut g = Fnv::new();
-            g.write(b"falcon");
-            g.0
-        });
+    fn fnv1a_matches_the_published_test_vectors() {
+        // From the FNV reference test suite (64-bit FNV-1a).
+        assert_eq!(fnv1a(FNV_OFFSET, b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(FNV_OFFSET, b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(FNV_OFFSET, b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn the_separator_keeps_split_points_apart() {
         let mut a = Fnv::new();
         a.write(b"ab");
         a.write(b"c");
@@ -324,9 +377,26 @@ mod tests {
     }
 
     #[test]
+    fn every_input_file_changes_the_cache_key() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in INPUT_FILES {
+            fs::write(dir.path().join(name), "{}").unwrap();
+        }
+        fs::write(dir.path().join("model.safetensors"), "x").unwrap();
+        let base = cache_key(dir.path(), Bits::Four).unwrap();
+        assert_ne!(base, cache_key(dir.path(), Bits::Eight).unwrap());
+        for name in INPUT_FILES {
+            fs::write(dir.path().join(name), "{ }").unwrap();
+            assert_ne!(base, cache_key(dir.path(), Bits::Four).unwrap(), "{name}");
+            fs::write(dir.path().join(name), "{}").unwrap();
+            assert_eq!(base, cache_key(dir.path(), Bits::Four).unwrap());
+        }
+    }
+
+    #[test]
     fn bits_parse() {
         assert_eq!(Bits::from_u32(4).unwrap().get(), 4);
         assert_eq!(Bits::from_u32(8).unwrap().get(), 8);
-        assert!(Bits::from_u32(5).is_err());
+        assert!(Bits::from_u32(5).is_none());
     }
 }

@@ -46,7 +46,7 @@ pub struct ConvertArgs {
 pub struct TypeArgs {
     /// 8 writes Q8_0; 4 writes the best 4-bit mix the shapes allow: Q4_K_M when the matrices'
     /// rows are multiples of 256 (40B, 180B), Q4_0 when not (7B).
-    #[arg(long, value_parser = ["4", "8"], default_value = "4", conflicts_with = "r#type")]
+    #[arg(long, value_parser = ["4", "8"], default_value = "4", conflicts_with = "type")]
     pub bits: String,
     /// One file type explicitly: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_m, q5_k_m, q6_k.
     #[arg(long = "type", value_name = "TYPE", value_parser = parse_file_type)]
@@ -305,5 +305,50 @@ pub fn human_bytes(n: u64) -> String {
         1_000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
         1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
         _ => format!("{:.2} GB", n as f64 / 1e9),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bits_and_type_conflict() {
+        let parse = |argv: &[&str]| Cli::try_parse_from(argv);
+        let e = parse(&[
+            "falcon-quantize",
+            "m",
+            "-o",
+            "o.gguf",
+            "--bits",
+            "8",
+            "--type",
+            "q4_0",
+        ])
+        .unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{e}");
+        let e = parse(&[
+            "falcon-quantize",
+            "synth",
+            "--shape",
+            "falcon-7b",
+            "-o",
+            "x.gguf",
+            "--type",
+            "q8_0",
+            "--bits",
+            "4",
+        ])
+        .unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{e}");
+        // Each alone is accepted.
+        assert!(parse(&["falcon-quantize", "m", "-o", "o", "--type", "q4_0"]).is_ok());
+        assert!(parse(&["falcon-quantize", "m", "-o", "o", "--bits", "8"]).is_ok());
     }
 }

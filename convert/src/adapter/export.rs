@@ -31,10 +31,8 @@ use quant::QuantType;
 
 use super::base::BaseModel;
 use super::error::AdapterError;
-use super::modules::regroups_qkv;
 use super::peft::{LoraModule, PeftAdapter, SavedModule};
 use crate::error::ConvertError;
-use crate::falcon::qkv_source_row;
 use crate::gguf::{keys, GgufPlan, GgufWriter, PlannedTensor, Value};
 use crate::output::Output;
 use crate::rules::FileType;
@@ -241,7 +239,6 @@ pub fn export_lora(
             .as_ref()
             .is_some_and(|c| c.load(Ordering::Relaxed))
     };
-    let regroup = regroups_qkv(cfg);
     for (t, src) in plan.tensors.iter().zip(&sources) {
         let row_len = t.dims[0] as usize;
         let n_rows: usize = t.dims[1..].iter().product::<u64>() as usize;
@@ -258,13 +255,10 @@ pub fn export_lora(
                 Source::A(m) => adapter.rows_f32(&m.a, r0..r1)?,
                 Source::B(m, fold) => {
                     let mut rows = Vec::with_capacity((r1 - r0) * row_len);
+                    // lora_b's rows are output rows: regrouped like the base weight's.
+                    let transform = m.linear.transform(cfg);
                     for r in r0..r1 {
-                        let s = if regroup && m.linear == super::modules::Linear::QueryKeyValue {
-                            qkv_source_row(r as u64, cfg.n_head, cfg.n_head_kv, cfg.head_dim())
-                                as usize
-                        } else {
-                            r
-                        };
+                        let s = transform.source_row(cfg, r as u64) as usize;
                         rows.extend(adapter.rows_f32(&m.b, s..s + 1)?);
                     }
                     if *fold != 1.0 {

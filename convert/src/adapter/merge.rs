@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use rayon::prelude::*;
 
 use super::error::AdapterError;
-use super::modules::Linear;
 use super::peft::{PeftAdapter, SavedModule, SavedTensor, TensorRef};
 use crate::config::FalconConfig;
+use crate::layout::BlockLinear;
 
 /// `--lora DIR[:SCALE]`: an adapter directory and the user's scale (1 by default).
 #[derive(Clone, Debug, PartialEq)]
@@ -99,7 +99,11 @@ impl Merge {
 
     /// The contributions to `linear` of block `layer`, with each `A` read into memory
     /// (`rank × in_features` floats), or `None` when no adapter targets it.
-    pub fn delta(&self, layer: u64, linear: Linear) -> Result<Option<Delta<'_>>, AdapterError> {
+    pub fn delta(
+        &self,
+        layer: u64,
+        linear: BlockLinear,
+    ) -> Result<Option<Delta<'_>>, AdapterError> {
         let mut terms = Vec::new();
         for (adapter, scale) in &self.adapters {
             if let Some(m) = adapter.module(layer, linear) {
@@ -213,7 +217,8 @@ mod tests {
         }];
         let merge = Merge::open(&specs, &cfg).unwrap();
         let (adapter, _) = &merge.adapters[0];
-        let m = adapter.module(1, Linear::QueryKeyValue).unwrap();
+        let l = |g| crate::layout::block_linear_by_gguf(g).unwrap();
+        let m = adapter.module(1, l("attn_qkv")).unwrap();
         let a = adapter.tensor_f32(&m.a).unwrap();
         let b = adapter.tensor_f32(&m.b).unwrap();
         let (out, inp, rank) = (
@@ -221,11 +226,10 @@ mod tests {
             m.a.shape[1] as usize,
             m.rank() as usize,
         );
-        let src = |r: usize| {
-            crate::falcon::qkv_source_row(r as u64, cfg.n_head, cfg.n_head_kv, cfg.head_dim())
-                as usize
-        };
-        let delta = merge.delta(1, Linear::QueryKeyValue).unwrap().unwrap();
+        let transform = l("attn_qkv").transform(&cfg);
+        assert_eq!(transform, crate::layout::Transform::RegroupQkv);
+        let src = |r: usize| transform.source_row(&cfg, r as u64) as usize;
+        let delta = merge.delta(1, l("attn_qkv")).unwrap().unwrap();
         // Rows 100..300 of the output, starting from ones.
         let rows = 100..300;
         let mut got = vec![1f32; rows.len() * inp];
@@ -253,8 +257,8 @@ mod tests {
         }];
         let cfg7 = FalconConfig::from_dir(&models.join("tiny-7b-style")).unwrap();
         let merge = Merge::open(&specs, &cfg7).unwrap();
-        assert!(merge.delta(1, Linear::QueryKeyValue).unwrap().is_none());
-        assert!(merge.delta(2, Linear::Dense).unwrap().is_none());
-        assert!(merge.delta(2, Linear::Dense4hToH).unwrap().is_some());
+        assert!(merge.delta(1, l("attn_qkv")).unwrap().is_none());
+        assert!(merge.delta(2, l("attn_output")).unwrap().is_none());
+        assert!(merge.delta(2, l("ffn_down")).unwrap().is_some());
     }
 }

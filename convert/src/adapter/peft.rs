@@ -12,9 +12,10 @@ use sha2::{Digest, Sha256};
 
 use super::config::{LoraConfig, ModuleScale, ModuleSet};
 use super::error::AdapterError;
-use super::modules::{Linear, OTHER_MODULES};
+use super::modules::{index, module_name, parse_module, OTHER_MODULES};
 use crate::checkpoint::{to_f32, SourceDtype};
 use crate::config::FalconConfig;
+use crate::layout::{block_linears, BlockLinear};
 
 /// The config file of an adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -47,7 +48,7 @@ impl TensorRef {
 #[derive(Clone, Debug)]
 pub struct LoraModule {
     pub layer: u64,
-    pub linear: Linear,
+    pub linear: BlockLinear,
     /// `[rank, in_features]`.
     pub a: TensorRef,
     /// `[out_features, rank]`, rows in the checkpoint's order (QKV not regrouped).
@@ -145,7 +146,7 @@ impl PeftAdapter {
         // SAFETY: a read-only mapping of the adapter's weights; if another process truncates
         // the file while it is read we may fault, as every mmap-based safetensors reader would.
         let map = unsafe { Mmap::map(&file) }.map_err(read)?;
-        let tensors = index(&weights_path, &map)?;
+        let tensors = index_tensors(&weights_path, &map)?;
 
         let (modules, saved) = check(&config, &weights_path, &tensors, base)?;
         Ok(PeftAdapter {
@@ -201,10 +202,10 @@ impl PeftAdapter {
     }
 
     /// The LoRA pair on `linear` of block `layer`, if the adapter has one.
-    pub fn module(&self, layer: u64, linear: Linear) -> Option<&LoraModule> {
+    pub fn module(&self, layer: u64, linear: BlockLinear) -> Option<&LoraModule> {
         self.modules
             .iter()
-            .find(|m| m.layer == layer && m.linear == linear)
+            .find(|m| m.layer == layer && m.linear.module() == linear.module())
     }
 
     /// The replacement weight of `module`, if the adapter has one.
@@ -233,7 +234,7 @@ impl PeftAdapter {
 }
 
 /// Name → location of every tensor of the weights file.
-fn index(path: &Path, map: &[u8]) -> Result<BTreeMap<String, TensorRef>, AdapterError> {
+fn index_tensors(path: &Path, map: &[u8]) -> Result<BTreeMap<String, TensorRef>, AdapterError> {
     let st = SafeTensors::deserialize(map).map_err(|e| AdapterError::BadSafetensors {
         path: path.to_path_buf(),
         why: e.to_string(),
@@ -343,7 +344,7 @@ fn check(
     };
     // Every entry of a list of targets names one of Falcon's linear layers.
     let linears: Vec<String> = (0..base.n_layer)
-        .flat_map(|l| Linear::ALL.map(|k| k.module_name(l)))
+        .flat_map(|l| block_linears().map(move |k| module_name(k, l)))
         .collect();
     let known =
         "Falcon's linear layers are query_key_value, dense, dense_h_to_4h and dense_4h_to_h";
@@ -393,7 +394,7 @@ fn check(
     }
 
     // Sort the file's tensors into pairs and saved weights.
-    let mut pairs: BTreeMap<(u64, Linear), [Option<&TensorRef>; 2]> = BTreeMap::new();
+    let mut pairs: BTreeMap<(u64, usize), [Option<&TensorRef>; 2]> = BTreeMap::new();
     let mut saved = Vec::new();
     let mut beyond = None;
     for (name, t) in tensors {
@@ -403,7 +404,7 @@ fn check(
                 tensor: t.clone(),
             }),
             Key::Lora { module, b } => {
-                let Some((layer, linear)) = Linear::parse_module(&module) else {
+                let Some((layer, linear)) = parse_module(&module) else {
                     let why = if OTHER_MODULES.iter().any(|(m, _)| *m == module) {
                         format!("a LoRA on {module}: only Falcon's linear layers ({known}) are supported")
                     } else {
@@ -432,7 +433,7 @@ fn check(
                         why: format!("adapter_config.json does not target {module} (target_modules {}); the files do not belong together", config.target_modules.describe()),
                     });
                 }
-                pairs.entry((layer, linear)).or_default()[usize::from(b)] = Some(t);
+                pairs.entry((layer, index(linear))).or_default()[usize::from(b)] = Some(t);
             }
         }
     }
@@ -440,12 +441,15 @@ fn check(
     // Every targeted module has its pair, with the shapes of the base and the config's rank.
     let mut modules = Vec::new();
     for layer in 0..base.n_layer {
-        for linear in Linear::ALL {
-            let module = linear.module_name(layer);
+        for linear in block_linears() {
+            let module = module_name(linear, layer);
             if !config.targets(&module, false, true) {
                 continue;
             }
-            let pair = pairs.get(&(layer, linear)).copied().unwrap_or_default();
+            let pair = pairs
+                .get(&(layer, index(linear)))
+                .copied()
+                .unwrap_or_default();
             let scale = config.scale_of(&module);
             let (out, inp) = linear.shape(base);
             let mut ab = Vec::new();
@@ -553,12 +557,16 @@ mod tests {
         PeftAdapter::open(&models().join(adapter), &cfg).unwrap()
     }
 
-    /// (layer, module, rank, scale) of every pair.
-    fn table(a: &PeftAdapter) -> Vec<(u64, Linear, u64, f64)> {
+    /// (layer, llama.cpp name, rank, scale) of every pair.
+    fn table(a: &PeftAdapter) -> Vec<(u64, &'static str, u64, f64)> {
         a.modules
             .iter()
-            .map(|m| (m.layer, m.linear, m.rank(), m.scale.scale))
+            .map(|m| (m.layer, m.linear.gguf(), m.rank(), m.scale.scale))
             .collect()
+    }
+
+    fn linear(gguf: &str) -> BlockLinear {
+        crate::layout::block_linear_by_gguf(gguf).unwrap()
     }
 
     // The expected ranks and scales are those peft 0.21.2 gives the loaded fixtures
@@ -570,7 +578,7 @@ mod tests {
         assert_eq!(a.modules.len(), 12);
         assert!(table(&a).iter().all(|&(_, _, r, s)| r == 8 && s == 2.0));
         assert!(a.saved.is_empty());
-        let m = a.module(2, Linear::QueryKeyValue).unwrap();
+        let m = a.module(2, linear("attn_qkv")).unwrap();
         assert_eq!(m.a.shape, vec![8, 192]);
         assert_eq!(m.b.shape, vec![256, 8]);
         assert_eq!(
@@ -582,14 +590,13 @@ mod tests {
     #[test]
     fn rslora_on_two_layers() {
         let a = open("lora-tiny-7b-rslora", "tiny-7b-style");
-        use Linear::*;
         assert_eq!(
             table(&a),
             vec![
-                (0, QueryKeyValue, 16, 2.0),
-                (0, Dense4hToH, 16, 2.0),
-                (2, QueryKeyValue, 16, 2.0),
-                (2, Dense4hToH, 16, 2.0),
+                (0, "attn_qkv", 16, 2.0),
+                (0, "ffn_down", 16, 2.0),
+                (2, "attn_qkv", 16, 2.0),
+                (2, "ffn_down", 16, 2.0),
             ]
         );
     }
@@ -597,18 +604,17 @@ mod tests {
     #[test]
     fn rank_and_alpha_patterns_and_lm_head() {
         let a = open("lora-tiny-40b-patterns", "tiny-40b-style");
-        use Linear::*;
         assert_eq!(
             table(&a),
             vec![
-                (0, QueryKeyValue, 6, 8.0 / 6.0),
-                (0, Dense, 4, 0.75),
-                (0, DenseHTo4h, 12, 8.0 / 12.0),
-                (0, Dense4hToH, 4, 5.0),
-                (1, QueryKeyValue, 6, 8.0 / 6.0),
-                (1, Dense, 4, 0.75),
-                (1, DenseHTo4h, 2, 4.0),
-                (1, Dense4hToH, 4, 1.25),
+                (0, "attn_qkv", 6, 8.0 / 6.0),
+                (0, "attn_output", 4, 0.75),
+                (0, "ffn_up", 12, 8.0 / 12.0),
+                (0, "ffn_down", 4, 5.0),
+                (1, "attn_qkv", 6, 8.0 / 6.0),
+                (1, "attn_output", 4, 0.75),
+                (1, "ffn_up", 2, 4.0),
+                (1, "ffn_down", 4, 1.25),
             ]
         );
         assert_eq!(a.saved.len(), 1);
