@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use quant::QuantType;
 use rayon::prelude::*;
 
+use crate::adapter::{LoraSpec, MergePlan, MergedAdapter};
 use crate::checkpoint::{to_f32, Checkpoint};
 use crate::config::FalconConfig;
 use crate::error::ConvertError;
@@ -42,6 +43,9 @@ pub struct Options {
     pub progress: Option<Arc<ProgressFn>>,
     /// Set from another thread (e.g. a Ctrl-C handler) to stop; nothing is left at the destination.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// PEFT LoRA adapters merged into the weights as they are converted (see
+    /// [`crate::adapter::MergePlan`]).
+    pub loras: Vec<LoraSpec>,
 }
 
 impl std::fmt::Debug for Options {
@@ -50,6 +54,7 @@ impl std::fmt::Debug for Options {
             .field("target", &self.target)
             .field("threads", &self.threads)
             .field("vocab_only", &self.vocab_only)
+            .field("loras", &self.loras)
             .finish_non_exhaustive()
     }
 }
@@ -62,6 +67,7 @@ impl Default for Options {
             vocab_only: false,
             progress: None,
             cancel: None,
+            loras: Vec::new(),
         }
     }
 }
@@ -81,6 +87,8 @@ pub struct Summary {
     pub elapsed: Duration,
     /// How many tensors of each type.
     pub type_counts: Vec<(QuantType, usize)>,
+    /// The adapters merged, as recorded in the file.
+    pub merged: Vec<MergedAdapter>,
 }
 
 impl Summary {
@@ -100,6 +108,9 @@ pub struct Prepared {
     pub file_type: FileType,
     pub plan: GgufPlan,
     pub tensors: Vec<FalconTensor>,
+    /// The adapters merged into the weights.
+    pub merge: Option<MergePlan>,
+    pub merged: Vec<MergedAdapter>,
 }
 
 /// Reads the checkpoint directory and plans the output file.
@@ -130,9 +141,14 @@ pub fn prepare(dir: &Path, opts: &Options) -> Result<Prepared, ConvertError> {
     } else {
         Some(Checkpoint::open(dir)?)
     };
-    let tensors = match &checkpoint {
+    let mut tensors = match &checkpoint {
         Some(c) => match_checkpoint(&config, c)?,
         None => Vec::new(),
+    };
+    let merge = if opts.loras.is_empty() || checkpoint.is_none() {
+        None
+    } else {
+        Some(MergePlan::prepare(&opts.loras, &config, &mut tensors)?)
     };
 
     let name = dir
@@ -141,6 +157,10 @@ pub fn prepare(dir: &Path, opts: &Options) -> Result<Prepared, ConvertError> {
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
     let mut plan = falcon_metadata(&config, &name.unwrap_or_else(|| "falcon".into()), file_type);
     vocab.add_to(&mut plan);
+    let merged = match &merge {
+        Some(m) => m.add_metadata(&mut plan)?,
+        None => Vec::new(),
+    };
 
     for t in plan_types(&config, file_type, &tensors) {
         plan.add_tensor(t);
@@ -151,6 +171,8 @@ pub fn prepare(dir: &Path, opts: &Options) -> Result<Prepared, ConvertError> {
         file_type,
         plan,
         tensors,
+        merge,
+        merged,
     })
 }
 
@@ -226,6 +248,7 @@ pub fn quantize_checkpoint(
         input_bytes: prepared.checkpoint.total_bytes(),
         elapsed: start.elapsed(),
         type_counts,
+        merged: prepared.merged.clone(),
     })
 }
 
@@ -307,6 +330,12 @@ fn write_file(p: &Prepared, out: &Path, opts: &Options) -> Result<u64, ConvertEr
         }
         for (i, (t, planned)) in p.tensors.iter().zip(&p.plan.tensors).enumerate() {
             let src = source(t);
+            // Adapters: LoRA products added to this weight's rows, or a replacement of it.
+            let delta = match &p.merge {
+                Some(m) => m.delta_for(t)?,
+                None => None,
+            };
+            let replaced = p.merge.as_ref().is_some_and(|m| m.replaces(&t.name));
             if let Some(next) = p.tensors.get(i + 1) {
                 p.checkpoint.prefetch(source(next));
             }
@@ -335,6 +364,15 @@ fn write_file(p: &Prepared, out: &Path, opts: &Options) -> Result<u64, ConvertEr
                             row,
                         );
                     });
+                if let Some(d) = &delta {
+                    d.add_to(&mut f32s, row_len, r0..r1, |r| {
+                        t.transform.source_row(&p.config, r as u64) as usize
+                    })?;
+                }
+                if replaced {
+                    let m = p.merge.as_ref().expect("replacements come from adapters");
+                    m.replace_rows(&t.name, &mut f32s, r0..r1)?;
+                }
                 let mut q = vec![0u8; planned.ty.row_bytes(row_len)? * (r1 - r0)];
                 quant::quantize(planned.ty, &f32s, row_len, &mut q).map_err(|e| match e {
                     quant::QuantError::NonFinite { row, index, value } => ConvertError::NonFinite {

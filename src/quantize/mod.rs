@@ -37,8 +37,13 @@ pub struct ConvertArgs {
     #[command(flatten)]
     pub common: TypeArgs,
     /// Write the tokenizer and metadata only, no tensors.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "lora")]
     pub vocab_only: bool,
+    /// Merge a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) into
+    /// the weights as they are converted, optionally at a scale (default 1). Repeatable: several
+    /// adapters add up. The file records which were merged.
+    #[arg(long, value_name = "ADAPTER_DIR[:SCALE]", value_parser = convert::adapter::LoraSpec::parse)]
+    pub lora: Vec<convert::adapter::LoraSpec>,
 }
 
 /// Options shared by conversion and `synth`.
@@ -183,6 +188,7 @@ fn convert_checkpoint(args: ConvertArgs, cancel: Arc<AtomicBool>) -> Result<()> 
         vocab_only: args.vocab_only,
         progress,
         cancel: Some(cancel),
+        loras: args.lora,
     };
     let summary = convert::quantize_checkpoint(&dir, &out, &opts)?;
     if let Some(bar) = bar {
@@ -210,6 +216,12 @@ fn convert_checkpoint(args: ConvertArgs, cancel: Arc<AtomicBool>) -> Result<()> 
             secs,
             summary.input_bytes as f64 / 1e9 / secs.max(1e-9),
         );
+        for m in &summary.merged {
+            eprintln!(
+                "merged {} at scale {} (sha256 {})",
+                m.name, m.scale, m.sha256
+            );
+        }
     }
     Ok(())
 }

@@ -10,7 +10,8 @@ use rayon::prelude::*;
 use super::error::AdapterError;
 use super::peft::{PeftAdapter, SavedModule, SavedTensor, TensorRef};
 use crate::config::FalconConfig;
-use crate::layout::BlockLinear;
+use crate::gguf::{keys, GgufPlan, Value, ValueType};
+use crate::layout::{self, BlockLinear, FalconTensor, Variant, HF_PREFIX};
 
 /// `--lora DIR[:SCALE]`: an adapter directory and the user's scale (1 by default).
 #[derive(Clone, Debug, PartialEq)]
@@ -88,13 +89,12 @@ impl Merge {
             .collect()
     }
 
-    /// The replacement of `module` (the last adapter that has one wins, as loading adapters one
-    /// after the other would), with the adapter it comes from.
-    pub fn saved(&self, module: &SavedModule) -> Option<(&PeftAdapter, &SavedTensor)> {
+    /// The adapters that replace `module` (`modules_to_save`), with their scales.
+    pub fn replacements(&self, module: &SavedModule) -> Vec<(&PeftAdapter, &SavedTensor, f32)> {
         self.adapters
             .iter()
-            .rev()
-            .find_map(|(a, _)| a.saved(module).map(|s| (a, s)))
+            .filter_map(|(a, scale)| a.saved(module).map(|s| (a, s, *scale)))
+            .collect()
     }
 
     /// The contributions to `linear` of block `layer`, with each `A` read into memory
@@ -117,6 +117,132 @@ impl Merge {
             }
         }
         Ok((!terms.is_empty()).then_some(Delta { terms }))
+    }
+}
+
+/// The adapters of a conversion and what they do to its tensors: LoRA products added to the
+/// block linear layers, `modules_to_save` weights in place of the base's.
+#[derive(Debug)]
+pub struct MergePlan {
+    pub merge: Merge,
+}
+
+impl MergePlan {
+    /// Opens the adapters against `config` and adjusts `tensors` (the checkpoint's, in file
+    /// order) for their replacements: a model whose output layer is tied to the token embedding
+    /// gets its own `output.weight`, converted from the embedding, when an adapter replaces
+    /// either (peft copies the tied weight into the module it replaces and leaves the other
+    /// one as it was).
+    pub fn prepare(
+        specs: &[LoraSpec],
+        config: &FalconConfig,
+        tensors: &mut Vec<FalconTensor>,
+    ) -> Result<MergePlan, AdapterError> {
+        let merge = Merge::open(specs, config)?;
+        let lm_head = !merge.replacements(&SavedModule::LmHead).is_empty();
+        let embeddings = !merge.replacements(&SavedModule::WordEmbeddings).is_empty();
+        let has_output = tensors.iter().any(|t| t.name == OUTPUT);
+        if !has_output && (lm_head || embeddings) {
+            let variant = Variant {
+                two_norms: tensors.iter().any(|t| t.name == "blk.0.attn_norm_2.weight"),
+                output: true,
+                hf_prefix: tensors.iter().any(|t| t.hf_name.starts_with(HF_PREFIX)),
+            };
+            // The untied output layer starts from the tied weight: the token embedding.
+            let mut untied = layout::tensors(config, variant);
+            let embd = untied
+                .iter()
+                .find(|t| t.name == EMBEDDINGS)
+                .map(|t| t.hf_name.clone())
+                .expect("every model has a token embedding");
+            if let Some(out) = untied.iter_mut().find(|t| t.name == OUTPUT) {
+                out.hf_name = embd;
+            }
+            *tensors = untied;
+        }
+        Ok(MergePlan { merge })
+    }
+
+    /// Whether adapters replace the tensor `gguf_name` (`modules_to_save`).
+    pub fn replaces(&self, gguf_name: &str) -> bool {
+        saved_module(gguf_name).is_some_and(|m| !self.merge.replacements(&m).is_empty())
+    }
+
+    /// Applies the replacements of the tensor `gguf_name` to `rows`, its rows `out_rows` as
+    /// converted from the base: each adapter adds `scale · (its weight − the base's)`, so that
+    /// one adapter at scale 1 gives its weight (exactly), scale 0 the base, and several adapters
+    /// add up as their LoRA products do (and as llama.cpp applies them at run time).
+    pub fn replace_rows(
+        &self,
+        gguf_name: &str,
+        rows: &mut [f32],
+        out_rows: Range<usize>,
+    ) -> Result<(), AdapterError> {
+        let Some(module) = saved_module(gguf_name) else {
+            return Ok(());
+        };
+        let reps = self.merge.replacements(&module);
+        if let [(adapter, saved, scale)] = reps[..] {
+            if scale == 1.0 {
+                rows.copy_from_slice(&adapter.rows_f32(&saved.tensor, out_rows)?);
+                return Ok(());
+            }
+        }
+        let base = rows.to_vec();
+        for (adapter, saved, scale) in reps {
+            let new = adapter.rows_f32(&saved.tensor, out_rows.clone())?;
+            rows.par_iter_mut()
+                .zip(new.par_iter().zip(&base))
+                .for_each(|(w, (n, b))| *w += scale * (n - b));
+        }
+        Ok(())
+    }
+
+    /// The LoRA contributions to the tensor `t`, if it is a targeted block linear layer.
+    pub fn delta_for(&self, t: &FalconTensor) -> Result<Option<Delta<'_>>, AdapterError> {
+        let Some(layer) = t.layer else {
+            return Ok(None);
+        };
+        let gguf = t
+            .name
+            .strip_prefix(&format!("blk.{layer}."))
+            .and_then(|n| n.strip_suffix(".weight"));
+        match gguf.and_then(layout::block_linear_by_gguf) {
+            Some(linear) => self.merge.delta(layer, linear),
+            None => Ok(None),
+        }
+    }
+
+    /// Records the merged adapters in the file's metadata (see [`keys::LORA_MERGED_NAMES`]).
+    pub fn add_metadata(&self, plan: &mut GgufPlan) -> Result<Vec<MergedAdapter>, AdapterError> {
+        let records = self.merge.records()?;
+        plan.set(
+            keys::LORA_MERGED_NAMES,
+            Value::strings(records.iter().map(|r| r.name.clone())),
+        );
+        plan.set(
+            keys::LORA_MERGED_SCALES,
+            Value::Array(
+                ValueType::F32,
+                records.iter().map(|r| Value::F32(r.scale)).collect(),
+            ),
+        );
+        plan.set(
+            keys::LORA_MERGED_SHA256,
+            Value::strings(records.iter().map(|r| r.sha256.clone())),
+        );
+        Ok(records)
+    }
+}
+
+const OUTPUT: &str = "output.weight";
+const EMBEDDINGS: &str = "token_embd.weight";
+
+fn saved_module(gguf_name: &str) -> Option<SavedModule> {
+    match gguf_name {
+        OUTPUT => Some(SavedModule::LmHead),
+        EMBEDDINGS => Some(SavedModule::WordEmbeddings),
+        _ => None,
     }
 }
 

@@ -37,7 +37,7 @@ pub use base::{config_from_gguf, BaseModel};
 pub use config::{LoraConfig, ModuleScale, ModuleSet, Pattern};
 pub use error::AdapterError;
 pub use export::{export_lora, ExportOptions, ExportSummary, EXPORT_TYPES};
-pub use merge::{Delta, LoraSpec, Merge, MergedAdapter};
+pub use merge::{Delta, LoraSpec, Merge, MergePlan, MergedAdapter};
 pub use modules::{module_name, parse_module};
 pub use peft::{
     LoraModule, PeftAdapter, SavedModule, SavedTensor, TensorRef, CONFIG_FILE, WEIGHTS_FILE,

@@ -19,6 +19,14 @@ pub const ADAPTER_LORA_ALPHA: &str = "adapter.lora.alpha";
 pub const ADAPTER_SOURCE_SHA256: &str = "adapter.lora.source.sha256";
 pub const ADAPTER_SOURCE_BASE_MODEL: &str = "adapter.lora.source.base_model";
 
+/// The PEFT LoRA adapters merged into a model's weights (`falcon-quantize --lora`), one entry
+/// each in the order they were given: the adapter directory's name (string array), the scale it
+/// was merged at (f32 array) and the SHA-256 of its two files (string array, see
+/// `PeftAdapter::sha256`). Absent when nothing was merged.
+pub const LORA_MERGED_NAMES: &str = "lora.merged.names";
+pub const LORA_MERGED_SCALES: &str = "lora.merged.scales";
+pub const LORA_MERGED_SHA256: &str = "lora.merged.sha256";
+
 /// The architecture name llama.cpp knows Falcon-7B/40B/180B by.
 pub const ARCH_FALCON: &str = "falcon";
 
