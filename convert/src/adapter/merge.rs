@@ -284,14 +284,32 @@ impl Delta<'_> {
                 b.extend(t.adapter.rows_f32(t.b, s..s + 1)?);
             }
             b.iter_mut().for_each(|v| *v *= t.coef);
-            rows.par_chunks_mut(row_len)
-                .zip(b.par_chunks(t.rank))
-                .for_each(|(row, coefs)| {
-                    for (k, &c) in coefs.iter().enumerate() {
-                        if c != 0.0 {
-                            let a = &t.a[k * row_len..(k + 1) * row_len];
-                            row.iter_mut().zip(a).for_each(|(w, &x)| *w += c * x);
-                        }
+            // rows += b · A, in blocks of rows spread over the pool.
+            const BLOCK: usize = 64;
+            rows.par_chunks_mut(row_len * BLOCK)
+                .zip(b.par_chunks(t.rank * BLOCK))
+                .for_each(|(c, bb)| {
+                    let m = c.len() / row_len;
+                    debug_assert_eq!(bb.len(), m * t.rank);
+                    // SAFETY: row-major operands whose extents match the strides given: `bb` is
+                    // m × rank, `t.a` rank × row_len, `c` m × row_len; `c` does not alias them.
+                    unsafe {
+                        matrixmultiply::sgemm(
+                            m,
+                            t.rank,
+                            row_len,
+                            1.0,
+                            bb.as_ptr(),
+                            t.rank as isize,
+                            1,
+                            t.a.as_ptr(),
+                            row_len as isize,
+                            1,
+                            1.0,
+                            c.as_mut_ptr(),
+                            row_len as isize,
+                            1,
+                        );
                     }
                 });
         }
