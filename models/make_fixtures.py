@@ -40,6 +40,8 @@ from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as tk_models
 from transformers import AutoTokenizer, FalconConfig, FalconForCausalLM
 
+from make_chat_fixtures import add_checkpoint_template
+
 HERE = Path(__file__).resolve().parent
 
 # Falcon's special tokens, ids 0..11, in Falcon's order; <|endoftext|> (11) is bos and eos.
@@ -776,6 +778,8 @@ def main():
                            num_attention_heads=6, multi_query=True, new_decoder_architecture=False,
                            parallel_attn=True, bias=False, alibi=False, tie_word_embeddings=True)
         d, ref, _ = make_random("tiny-7b-style", cfg, [7, 8, 9], 6.0, tiny_tok, tiny_tok_json)
+        # A checkpoint chat template; its renderings: python3 models/make_chat_fixtures.py
+        add_checkpoint_template(d)
         summary.append((d, ref))
 
     # --- tiny-40b-style: grouped KV (8 over 2), ln_attn + ln_mlp, untied, 3+ shards -------
@@ -860,6 +864,13 @@ def main():
     if want("falcon-mini"):
         log(f"falcon-mini: trained {train_s:.0f}s, held-out ppl {ppl_all:.3f} "
             f"(second halves {ppl_half:.3f}, {windows} windows of {MINI_SEQ})")
+
+    if want("falcon-mini"):
+        # lm-evaluation-harness's own results on falcon-mini (tests/data/eval/reference.json).
+        # The harness of the leaderboard's commit needs an environment of its own (see
+        # make_eval_reference.py); EVAL_HARNESS_PYTHON names its interpreter.
+        harness_python = os.environ.get("EVAL_HARNESS_PYTHON", sys.executable)
+        subprocess.run([harness_python, str(HERE / "make_eval_reference.py")], check=True)
 
     if not only or any(n == "lora" or n.startswith("lora-") for n in only):
         make_adapters(only)

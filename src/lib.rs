@@ -5,8 +5,10 @@
 //! (generation, chat, planning and measuring through llama.cpp, whose every call lives in
 //! [`engine`]).
 pub mod engine;
+pub mod eval;
 pub mod infer;
 pub mod quantize;
+pub mod serve;
 
 /// An error and its causes on one line, for the binaries' single error message.
 pub fn error_chain(e: &anyhow::Error) -> String {

@@ -171,38 +171,10 @@ pub fn shape_sizes(
     cfg: &convert::FalconConfig,
     bits: Bits,
 ) -> Result<ModelSizes, PlanError> {
-    let shape = convert::FalconShape {
-        name: "checkpoint",
-        config: cfg.clone(),
-    };
     let file_type = convert::rules::FileType::for_bits(bits.get(), cfg.hidden_size)
         .expect("4 and 8 bits have a file type");
-    let tied = cfg.tie_word_embeddings;
-    let mut layer_bytes = vec![0u64; cfg.n_layer as usize];
-    let (mut embd_bytes, mut output_bytes) = (0u64, 0u64);
-    for (tname, dims, layer) in shape.tensors() {
-        let ctx = convert::rules::TensorCtx {
-            name: &tname,
-            dims: &dims,
-            layer,
-            n_layer: cfg.n_layer,
-            tied,
-            file_type,
-        };
-        let (ty, _) = convert::rules::choose(&ctx);
-        let rows: u64 = dims[1..].iter().product();
-        let bytes = ty.row_bytes(dims[0] as usize)? as u64 * rows;
-        match layer {
-            Some(l) => layer_bytes[l as usize] += bytes,
-            None if tname == "token_embd.weight" => {
-                embd_bytes += bytes;
-                if tied {
-                    output_bytes += bytes;
-                }
-            }
-            None => output_bytes += bytes,
-        }
-    }
+    let w = convert::layout::weight_sizes(cfg, file_type);
+    let (layer_bytes, embd_bytes, output_bytes) = (w.layer_bytes, w.embd_bytes, w.output_bytes);
     Ok(ModelSizes {
         name: name.to_string(),
         file_type: file_type.name().to_string(),

@@ -51,6 +51,16 @@ pub const TOKENIZER_EOS_ID: &str = "tokenizer.ggml.eos_token_id";
 pub const TOKENIZER_PAD_ID: &str = "tokenizer.ggml.padding_token_id";
 pub const TOKENIZER_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
 pub const TOKENIZER_ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
+/// The checkpoint's default chat template (Jinja), as `chat_template` in `tokenizer_config.json`.
+pub const TOKENIZER_CHAT_TEMPLATE: &str = "tokenizer.chat_template";
+/// The names of the checkpoint's other chat templates, each under [`tokenizer_chat_template_named`].
+pub const TOKENIZER_CHAT_TEMPLATES: &str = "tokenizer.chat_templates";
+
+/// The key of a named chat template other than the default (`tokenizer.chat_template.NAME`), as
+/// llama.cpp's `llama_model_chat_template(model, name)` looks it up.
+pub fn tokenizer_chat_template_named(name: &str) -> String {
+    format!("{TOKENIZER_CHAT_TEMPLATE}.{name}")
+}
 
 /// The quantization version of ggml's block formats (`GGML_QNT_VERSION`).
 pub const QNT_VERSION: u32 = 2;
