@@ -7,12 +7,17 @@ Hugging Face Hub have, together with a reference.json holding transformers' floa
 logits and greedy continuation for one prompt. See models/README.md.
 
 Usage:
-    python3 -m pip install torch transformers tokenizers safetensors
+    python3 -m pip install torch transformers tokenizers safetensors peft
     apt-get install bible-kjv          # the `bible` program and the KJV text
     python3 models/make_fixtures.py
 
 The script is deterministic: fixed seeds, a fixed number of training steps, and one
 CPU thread (so that float sums are always taken in the same order).
+
+The PEFT LoRA adapters (lora-*) are made on top of the committed base checkpoints with
+`peft` and need neither `bible` nor a rebuild of the bases:
+    python3 -m pip install peft
+    python3 models/make_fixtures.py lora-tiny-7b-all lora-tiny-40b-patterns   # or: lora
 """
 
 import json
@@ -288,7 +293,9 @@ def r7(x):
     return float(f"{x:.7g}")
 
 
-def write_reference(dirpath, ref):
+def write_reference(dirpath, ref, extra=()):
+    """`extra`: (key, value) pairs written after the common fields (the adapters' base
+    fixture and peft's version); the base fixtures have none."""
     rows = ref["logits"].tolist()
     parts = [
         "{",
@@ -302,8 +309,11 @@ def write_reference(dirpath, ref):
         f'  "min_top2_gap": {json.dumps(r7(ref["min_top2_gap"]))},',
         f'  "transformers_version": {json.dumps(transformers.__version__)},',
         f'  "torch_version": {json.dumps(torch.__version__)}',
-        "}",
     ]
+    for k, v in extra:
+        parts[-1] += ","
+        parts.append(f'  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}')
+    parts.append("}")
     (dirpath / "reference.json").write_text("\n".join(parts) + "\n", encoding="utf-8")
     back = json.loads((dirpath / "reference.json").read_text(encoding="utf-8"))
     assert len(back["logits"]) == len(back["prompt_ids"])
@@ -539,8 +549,205 @@ def perplexity(model, ids, ctx):
     return math.exp(nll_all / n_all), math.exp(nll_half / n_half), len(ids) // ctx
 
 
+# ----------------------------------------------------------------------------------------
+# PEFT LoRA adapters on the committed base checkpoints
+# ----------------------------------------------------------------------------------------
+
+FALCON_LINEARS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+# name, base fixture, LoraConfig arguments, dtype of the saved tensors, seeds tried.
+ADAPTERS = [
+    # Falcon-7B layout (multi-query: QKV rows need no regrouping), every linear layer.
+    ("lora-tiny-7b-all", "tiny-7b-style",
+     dict(r=8, lora_alpha=16, target_modules=FALCON_LINEARS),
+     torch.float32, range(700, 716)),
+    # rsLoRA: scale lora_alpha / sqrt(r) = 2 instead of lora_alpha / r = 0.5; two module
+    # kinds on layers 0 and 2 only.
+    ("lora-tiny-7b-rslora", "tiny-7b-style",
+     dict(r=16, lora_alpha=8, use_rslora=True, target_modules=["query_key_value", "dense_4h_to_h"],
+          layers_to_transform=[0, 2]),
+     torch.float32, range(720, 736)),
+    # Falcon-40B layout (grouped KV: lora_B's QKV rows must be regrouped like the base's).
+    ("lora-tiny-40b-all", "tiny-40b-style",
+     dict(r=8, lora_alpha=16, target_modules=FALCON_LINEARS),
+     torch.float32, range(400, 416)),
+    # target_modules as a regex, per-module ranks and alphas, and a full lm_head replacement
+    # (modules_to_save). Saved in bf16. The first pattern key that matches a module wins, in
+    # the order of the keys in adapter_config.json, which save_pretrained sorts: the keys are
+    # chosen so that sorting keeps the intended order (layer 1's dense_h_to_4h has rank 2,
+    # layer 0's rank 12; layer 0's dense_4h_to_h has alpha 20, layer 1's alpha 5).
+    ("lora-tiny-40b-patterns", "tiny-40b-style",
+     dict(r=4, lora_alpha=8,
+          target_modules=r".*\.(query_key_value|dense|dense_h_to_4h|dense_4h_to_h)",
+          rank_pattern={"h.1.mlp.dense_h_to_4h": 2, "mlp.dense_h_to_4h": 12, "query_key_value": 6},
+          alpha_pattern={"dense": 3, r"h\.0\.mlp\.dense_4h_to_h": 20, "mlp.dense_4h_to_h": 5},
+          modules_to_save=["lm_head"]),
+     torch.bfloat16, range(420, 436)),
+]
+
+# The adapter's contribution s·B·A is drawn with a standard deviation of LORA_RHO times the
+# standard deviation of the base weight it adds to, whatever the module's scale s.
+LORA_RHO = 0.5
+# modules_to_save copies: base + N(0, (LM_HEAD_RHO · std of the base)²).
+LM_HEAD_RHO = 0.5
+
+
+def randomize_adapter(pm, seed, dtype):
+    """PEFT initialises lora_B to zero (the adapter does nothing). Draw A ~ N(0, 1/fan_in)
+    and B ~ N(0, k²/r) with k chosen so that s·B·A has LORA_RHO times the spread of the
+    base weight; values are rounded to `dtype` (what is saved)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda shape: torch.randn(shape, generator=g, dtype=torch.float32)
+    with torch.no_grad():
+        for name, mod in sorted(pm.named_modules(), key=lambda nm: nm[0]):
+            if isinstance(mod, LoraLayer) and "default" in mod.lora_A:
+                a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+                r, fan_in = a.shape
+                k = LORA_RHO * mod.get_base_layer().weight.float().std().item() * math.sqrt(fan_in) \
+                    / mod.scaling["default"]
+                a.copy_((rnd(a.shape) / math.sqrt(fan_in)).to(dtype).float())
+                b.copy_((k * rnd(b.shape) / math.sqrt(r)).to(dtype).float())
+            elif isinstance(mod, ModulesToSaveWrapper):
+                w = mod.modules_to_save["default"].weight
+                w.copy_((w + LM_HEAD_RHO * w.std() * rnd(w.shape)).to(dtype).float())
+
+
+def adapter_model(base_dir, config, seed, dtype):
+    from peft import LoraConfig, get_peft_model
+
+    for k in ("rank_pattern", "alpha_pattern"):
+        # Created in this order, loaded back in sorted order: they must agree.
+        assert list(config.get(k, {})) == sorted(config.get(k, {})), k
+
+    model = load_f32(base_dir)
+    pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **config))
+    # What a real adapter records is the Hub id of its base; here, the fixture's name.
+    pm.peft_config["default"].base_model_name_or_path = base_dir.name
+    randomize_adapter(pm, seed, dtype)
+    return pm.eval()
+
+
+def check_adapter_files(d, base_cfg, config, dtype):
+    """The files as save_pretrained wrote them: the config read back, and every tensor a
+    lora_A [r, in] / lora_B [out, r] pair of one of Falcon's linear layers (or the
+    modules_to_save copy of lm_head), in `dtype`."""
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == config["r"], cfg
+    for k in ("use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform"):
+        if k in config:
+            assert cfg[k] == config[k], (k, cfg[k])
+    h, ff = base_cfg.hidden_size, base_cfg.ffn_hidden_size
+    n_kv = base_cfg.num_kv_heads if base_cfg.new_decoder_architecture else 1
+    hd = h // base_cfg.num_attention_heads
+    shapes = {"self_attention.query_key_value": (h, (base_cfg.num_attention_heads + 2 * n_kv) * hd),
+              "self_attention.dense": (h, h), "mlp.dense_h_to_4h": (h, ff), "mlp.dense_4h_to_h": (ff, h)}
+    found, _ = stored_tensors_of(d / "adapter_model.safetensors")
+    want_dtype = {torch.float32: "F32", torch.bfloat16: "BF16"}[dtype]
+    pairs = 0
+    for k, (dt, shape) in found.items():
+        assert dt == want_dtype, (k, dt)
+        if k == "base_model.model.lm_head.weight":
+            assert config.get("modules_to_save") == ["lm_head"] and shape == [base_cfg.vocab_size, h]
+            continue
+        m = re.fullmatch(r"base_model\.model\.transformer\.h\.(\d+)\.(.*)\.lora_([AB])\.weight", k)
+        assert m and m.group(2) in shapes, k
+        fan_in, fan_out = shapes[m.group(2)]
+        if m.group(3) == "A":
+            assert shape[1] == fan_in and f"{k[:-len('A.weight')]}B.weight" in found, (k, shape)
+            assert found[f"{k[:-len('A.weight')]}B.weight"][1] == [fan_out, shape[0]], k
+            pairs += 1
+    return pairs
+
+
+def stored_tensors_of(path):
+    found = {}
+    with safe_open(path, "pt") as st:
+        for k in st.keys():
+            sl = st.get_slice(k)
+            found[k] = (sl.get_dtype(), list(sl.get_shape()))
+    return found, [path.name]
+
+
+def make_adapter(name, base, config, dtype, seeds):
+    import peft
+    from peft import PeftModel
+
+    base_dir = HERE / base
+    base_ref = json.loads((base_dir / "reference.json").read_text())
+    tok = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
+    prompt = base_ref["prompt"]
+    base_logits = torch.tensor(base_ref["logits"])
+
+    # The base alone, in this environment, still gives its committed reference.
+    base_model = load_f32(base_dir)
+    with torch.no_grad():
+        again = base_model(input_ids=torch.tensor([base_ref["prompt_ids"]])).logits[0]
+    err = (again - base_logits).abs().max().item()
+    assert err < 1e-4, (base, err)
+
+    # Pick the seed with the widest top-2 margin among those whose greedy continuation
+    # differs from the base's.
+    cands = []
+    for seed in seeds:
+        ref = reference_for(adapter_model(base_dir, config, seed, dtype), tok, prompt)
+        if ref["greedy_ids"] != base_ref["greedy_ids"]:
+            cands.append((ref["min_top2_gap"], seed, ref))
+    gap, seed, cand = max(cands, key=lambda c: (c[0], -c[1]))
+    if gap < SAFE_GAP:
+        raise SystemExit(f"{name}: no seed gives a top-2 gap >= {SAFE_GAP}: "
+                         f"{[(s, round(g, 4)) for g, s, _ in cands]}")
+
+    d = fresh_dir(name)
+    pm = adapter_model(base_dir, config, seed, dtype)
+    if dtype != torch.float32:
+        for n, p in pm.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.data = p.data.to(dtype)
+    # No look-up of the base on the Hub for a changed vocabulary: there are no embeddings here.
+    pm.save_pretrained(d, safe_serialization=True, save_embedding_layers=False)
+    # save_pretrained also writes a model card template (README.md): not part of the adapter.
+    (d / "README.md").unlink(missing_ok=True)
+    for f in d.iterdir():
+        f.chmod(0o644)
+    assert sorted(f.name for f in d.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    pairs = check_adapter_files(d, FalconConfig.from_pretrained(base_dir), config, dtype)
+
+    # The reference comes from the saved files, loaded as users load them, unmerged.
+    loaded = PeftModel.from_pretrained(load_f32(base_dir), d).eval()
+    ref = reference_for(loaded, tok, prompt)
+    assert ref["greedy_ids"] == cand["greedy_ids"] and ref["min_top2_gap"] >= SAFE_GAP, name
+    assert ref["prompt_ids"] == base_ref["prompt_ids"]
+    changed = (ref["logits"] - base_logits).abs().max().item()
+    # peft's own merge gives the same model.
+    with torch.no_grad():
+        merged = loaded.merge_and_unload()(input_ids=torch.tensor([ref["prompt_ids"]])).logits[0]
+    assert (merged - ref["logits"]).abs().max().item() < 1e-3, name
+    write_reference(d, ref, extra=[("base", base), ("peft_version", peft.__version__)])
+    log(f"{name:24s} on {base}: seed {seed}, {pairs} lora pairs, logits moved by up to "
+        f"{changed:.2f}, min gap {ref['min_top2_gap']:.4f}")
+    log(f"{'':24s} greedy: {ref['greedy_text']!r}")
+    return d
+
+
+def make_adapters(only):
+    from peft import __version__ as peft_version
+
+    log(f"peft {peft_version}")
+    for name, base, config, dtype, seeds in ADAPTERS:
+        if not only or "lora" in only or name in only:
+            make_adapter(name, base, config, dtype, seeds)
+
+
 def main():
     # `make_fixtures.py tiny-40b-style tiny-legacy-rw` remakes only those fixtures.
+    # peft keeps target_modules in a set, which adapter_config.json lists in Python's string
+    # hash order: a fixed hash seed makes that order, and so the file, reproducible.
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
+    # `make_fixtures.py lora` (or lora-… names) makes only adapters, on the committed bases.
     only = set(sys.argv[1:])
     want = lambda name: not only or name in only
     torch.set_num_threads(1)
@@ -548,6 +755,10 @@ def main():
     t_start = time.time()
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"tokenizers {tokenizers.__version__}, safetensors {safetensors.__version__}")
+    if only and all(n == "lora" or n.startswith("lora-") for n in only):
+        make_adapters(only)
+        check_size(t_start)
+        return
 
     books = kjv_books()
     train_books = [(n, t) for n, t in books if n not in HELDOUT_BOOKS]
@@ -661,6 +872,12 @@ def main():
         harness_python = os.environ.get("EVAL_HARNESS_PYTHON", sys.executable)
         subprocess.run([harness_python, str(HERE / "make_eval_reference.py")], check=True)
 
+    if not only or any(n == "lora" or n.startswith("lora-") for n in only):
+        make_adapters(only)
+    check_size(t_start)
+
+
+def check_size(t_start):
     total = sum(f.stat().st_size for f in HERE.rglob("*") if f.is_file())
     log(f"models/: {total / 2**20:.2f} MiB; done in {time.time() - t_start:.0f}s")
     assert total < SIZE_LIMIT, total

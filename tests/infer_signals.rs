@@ -1,13 +1,9 @@
 //! Ctrl-C or SIGTERM while `falcon-infer` quantizes a checkpoint directory into its cache:
 //! nothing partial is left in the checkpoint's directory, and the exit status is 130.
 
-mod infer_support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-use infer_support::*;
 
 /// A bf16 checkpoint with Falcon-7B's widths and two layers (1.4 GB), slow enough to signal.
 fn checkpoint(dir: &Path) -> PathBuf {

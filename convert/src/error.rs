@@ -90,6 +90,15 @@ pub enum ConvertError {
     Gguf(#[from] GgufError),
     #[error("quantization failed: {0}")]
     Quant(#[from] quant::QuantError),
+    /// Boxed: adapter errors carry shapes and names, and would make every result larger.
+    #[error(transparent)]
+    Adapter(Box<crate::adapter::AdapterError>),
+}
+
+impl From<crate::adapter::AdapterError> for ConvertError {
+    fn from(e: crate::adapter::AdapterError) -> ConvertError {
+        ConvertError::Adapter(Box::new(e))
+    }
 }
 
 fn write_hint(e: &std::io::Error) -> &'static str {

@@ -17,11 +17,13 @@
 //! # Ok::<(), convert::ConvertError>(())
 //! ```
 
+pub mod adapter;
 pub mod checkpoint;
 pub mod config;
 mod error;
 pub mod gguf;
 pub mod layout;
+mod output;
 pub mod partial;
 mod pipeline;
 pub mod rules;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use quant::QuantType;
 use rayon::prelude::*;
 
+use crate::adapter::{LoraSpec, MergePlan, MergedAdapter};
 use crate::checkpoint::{to_f32, Checkpoint};
 use crate::config::FalconConfig;
 use crate::error::ConvertError;
@@ -43,6 +44,9 @@ pub struct Options {
     pub progress: Option<Arc<ProgressFn>>,
     /// Set from another thread (e.g. a Ctrl-C handler) to stop; nothing is left at the destination.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// PEFT LoRA adapters merged into the weights as they are converted (see
+    /// [`crate::adapter::MergePlan`]).
+    pub loras: Vec<LoraSpec>,
 }
 
 impl std::fmt::Debug for Options {
@@ -51,6 +55,7 @@ impl std::fmt::Debug for Options {
             .field("target", &self.target)
             .field("threads", &self.threads)
             .field("vocab_only", &self.vocab_only)
+            .field("loras", &self.loras)
             .finish_non_exhaustive()
     }
 }
@@ -63,6 +68,7 @@ impl Default for Options {
             vocab_only: false,
             progress: None,
             cancel: None,
+            loras: Vec::new(),
         }
     }
 }
@@ -82,6 +88,8 @@ pub struct Summary {
     pub elapsed: Duration,
     /// How many tensors of each type.
     pub type_counts: Vec<(QuantType, usize)>,
+    /// The adapters merged, as recorded in the file.
+    pub merged: Vec<MergedAdapter>,
 }
 
 impl Summary {
@@ -101,6 +109,9 @@ pub struct Prepared {
     pub file_type: FileType,
     pub plan: GgufPlan,
     pub tensors: Vec<FalconTensor>,
+    /// The adapters merged into the weights.
+    pub merge: Option<MergePlan>,
+    pub merged: Vec<MergedAdapter>,
 }
 
 /// Reads the checkpoint directory and plans the output file.
@@ -133,11 +144,16 @@ pub fn prepare(dir: &Path, opts: &Options) -> Result<Prepared, ConvertError> {
     } else {
         Some(Checkpoint::open(dir)?)
     };
-    let tensors = match &checkpoint {
+    let mut tensors = match &checkpoint {
         Some(c) => match_checkpoint(&config, c)?,
         None => Vec::new(),
     };
     let vocab = Vocab::from_dir(dir, &config)?;
+    let merge = if opts.loras.is_empty() || checkpoint.is_none() {
+        None
+    } else {
+        Some(MergePlan::prepare(&opts.loras, &config, &mut tensors)?)
+    };
 
     let name = dir
         .canonicalize()
@@ -145,6 +161,10 @@ pub fn prepare(dir: &Path, opts: &Options) -> Result<Prepared, ConvertError> {
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
     let mut plan = falcon_metadata(&config, &name.unwrap_or_else(|| "falcon".into()), file_type);
     vocab.add_to(&mut plan);
+    let merged = match &merge {
+        Some(m) => m.add_metadata(&mut plan)?,
+        None => Vec::new(),
+    };
 
     for t in plan_types(&config, file_type, &tensors) {
         plan.add_tensor(t);
@@ -155,6 +175,8 @@ pub fn prepare(dir: &Path, opts: &Options) -> Result<Prepared, ConvertError> {
         file_type,
         plan,
         tensors,
+        merge,
+        merged,
     })
 }
 
@@ -230,6 +252,7 @@ pub fn quantize_checkpoint(
         input_bytes: prepared.checkpoint.total_bytes(),
         elapsed: start.elapsed(),
         type_counts,
+        merged: prepared.merged.clone(),
     })
 }
 
@@ -304,6 +327,12 @@ fn write_file(p: &Prepared, out: &Path, opts: &Options) -> Result<u64, ConvertEr
         }
         for (i, (t, planned)) in p.tensors.iter().zip(&p.plan.tensors).enumerate() {
             let src = source(t);
+            // Adapters: LoRA products added to this weight's rows, or a replacement of it.
+            let delta = match &p.merge {
+                Some(m) => m.delta_for(t)?,
+                None => None,
+            };
+            let replaced = p.merge.as_ref().is_some_and(|m| m.replaces(&t.name));
             if let Some(next) = p.tensors.get(i + 1) {
                 p.checkpoint.prefetch(source(next));
             }
@@ -332,6 +361,15 @@ fn write_file(p: &Prepared, out: &Path, opts: &Options) -> Result<u64, ConvertEr
                             row,
                         );
                     });
+                if let Some(d) = &delta {
+                    d.add_to(&mut f32s, row_len, r0..r1, |r| {
+                        t.transform.source_row(&p.config, r as u64) as usize
+                    })?;
+                }
+                if replaced {
+                    let m = p.merge.as_ref().expect("replacements come from adapters");
+                    m.replace_rows(&t.name, &mut f32s, r0..r1)?;
+                }
                 let mut q = vec![0u8; planned.ty.row_bytes(row_len)? * (r1 - r0)];
                 quant::quantize(planned.ty, &f32s, row_len, &mut q).map_err(|e| match e {
                     quant::QuantError::NonFinite { row, index, value } => ConvertError::NonFinite {

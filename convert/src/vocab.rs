@@ -413,9 +413,9 @@ mod tests {
         let names: Vec<&str> = plan
             .get(keys::TOKENIZER_CHAT_TEMPLATES)
             .and_then(Value::as_array)
+            .and_then(|a| a.as_strings())
             .unwrap()
             .iter()
-            .filter_map(Value::as_str)
             .collect();
         assert_eq!(names, ["tool_use", "rag"]);
     }

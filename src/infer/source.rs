@@ -93,9 +93,9 @@ pub enum SourceError {
     Convert {
         /// The checkpoint.
         path: PathBuf,
-        /// The error.
+        /// The error (boxed: conversion errors carry much detail).
         #[source]
-        source: convert::ConvertError,
+        source: Box<convert::ConvertError>,
     },
 }
 
@@ -185,7 +185,7 @@ pub fn resolve(
     };
     convert::quantize_checkpoint(path, &cached, &opts).map_err(|source| SourceError::Convert {
         path: path.clone(),
-        source,
+        source: Box::new(source),
     })?;
     validate_gguf(&cached)
 }

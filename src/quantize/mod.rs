@@ -38,8 +38,13 @@ pub struct ConvertArgs {
     #[command(flatten)]
     pub common: TypeArgs,
     /// Write the tokenizer and metadata only, no tensors.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "lora")]
     pub vocab_only: bool,
+    /// Merge a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) into
+    /// the weights as they are converted, optionally at a scale (default 1). Repeatable: several
+    /// adapters add up. The file records which were merged.
+    #[arg(long, value_name = "ADAPTER_DIR[:SCALE]", value_parser = convert::adapter::LoraSpec::parse)]
+    pub lora: Vec<convert::adapter::LoraSpec>,
 }
 
 /// Options shared by conversion and `synth`.
@@ -65,6 +70,31 @@ pub enum Command {
     /// Write a random-weight checkpoint or GGUF with the real shapes of Falcon-7B, -40B or -180B,
     /// to measure speed and memory without downloading weights.
     Synth(SynthArgs),
+    /// Convert a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into a GGUF
+    /// LoRA adapter that llama.cpp applies at run time on a GGUF of its base model.
+    Lora(LoraArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoraArgs {
+    /// PEFT adapter directory, as peft's save_pretrained writes it: adapter_config.json and
+    /// adapter_model.safetensors.
+    pub adapter_dir: PathBuf,
+    /// The base model the adapter was trained on: its checkpoint directory (config.json is
+    /// enough unless the adapter replaces lm_head) or a GGUF file made from it. Every shape of
+    /// the adapter is checked against it.
+    #[arg(long, value_name = "CHECKPOINT|GGUF")]
+    pub base: PathBuf,
+    /// Output GGUF adapter file. Written to a temporary file beside it and renamed when complete.
+    #[arg(short, long, value_name = "OUT.gguf")]
+    pub output: PathBuf,
+    /// Tensor type: f32, f16, bf16 or q8_0 (q8_0 writes tensors whose rows are not a multiple of
+    /// 32 values, such as lora_b of a small rank, as f16).
+    #[arg(long = "type", value_name = "TYPE", default_value = "f32", value_parser = parse_adapter_type)]
+    pub r#type: FileType,
+    /// Print nothing but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]
@@ -86,6 +116,12 @@ pub struct SynthArgs {
     /// Shard size of a checkpoint, in GB.
     #[arg(long, default_value_t = 5)]
     pub shard_gb: u64,
+}
+
+fn parse_adapter_type(s: &str) -> Result<FileType, String> {
+    FileType::from_name(s)
+        .filter(|t| convert::adapter::EXPORT_TYPES.contains(t))
+        .ok_or_else(|| format!("an adapter is written as f32, f16, bf16 or q8_0, not '{s}'"))
 }
 
 fn parse_file_type(s: &str) -> Result<FileType, String> {
@@ -114,6 +150,7 @@ fn usage(kind: ErrorKind, message: impl std::fmt::Display) -> anyhow::Error {
 pub fn run(cli: Cli, cancel: Arc<AtomicBool>) -> Result<()> {
     match cli.command {
         Some(Command::Synth(args)) => synth(args, &cancel),
+        Some(Command::Lora(args)) => lora(args, cancel),
         None => convert_checkpoint(cli.convert, cancel),
     }
 }
@@ -154,6 +191,7 @@ fn convert_checkpoint(args: ConvertArgs, cancel: Arc<AtomicBool>) -> Result<()> 
         vocab_only: args.vocab_only,
         progress,
         cancel: Some(cancel),
+        loras: args.lora,
     };
     let summary = convert::quantize_checkpoint(&dir, &out, &opts)?;
     if let Some(bar) = bar {
@@ -181,6 +219,12 @@ fn convert_checkpoint(args: ConvertArgs, cancel: Arc<AtomicBool>) -> Result<()> 
             secs,
             summary.input_bytes as f64 / 1e9 / secs.max(1e-9),
         );
+        for m in &summary.merged {
+            eprintln!(
+                "merged {} at scale {} (sha256 {})",
+                m.name, m.scale, m.sha256
+            );
+        }
     }
     Ok(())
 }
@@ -241,6 +285,41 @@ fn synth(args: SynthArgs, cancel: &AtomicBool) -> Result<()> {
                 start.elapsed().as_secs_f64()
             );
         }
+    }
+    Ok(())
+}
+
+fn lora(args: LoraArgs, cancel: Arc<AtomicBool>) -> Result<()> {
+    let opts = convert::adapter::ExportOptions {
+        file_type: args.r#type,
+        cancel: Some(cancel),
+    };
+    let s = convert::adapter::export_lora(&args.adapter_dir, &args.base, &args.output, &opts)?;
+    if !args.quiet {
+        let mut notes = Vec::new();
+        if s.n_rescaled > 0 {
+            notes.push(format!(
+                "{} with their rsLoRA/rank_pattern/alpha_pattern scale folded into lora_b",
+                s.n_rescaled
+            ));
+        }
+        if !s.replaced.is_empty() {
+            notes.push(format!("replacing {}", s.replaced.join(", ")));
+        }
+        let notes = if notes.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", notes.join("; "))
+        };
+        eprintln!(
+            "wrote {}: LoRA adapter, {}, {} modules{notes}, alpha {}, {} tensors, {}",
+            s.path.display(),
+            args.r#type.name(),
+            s.n_modules,
+            s.alpha,
+            s.n_tensors,
+            human_bytes(s.bytes),
+        );
     }
     Ok(())
 }

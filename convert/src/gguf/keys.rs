@@ -5,6 +5,27 @@ pub const GENERAL_NAME: &str = "general.name";
 pub const GENERAL_FILE_TYPE: &str = "general.file_type";
 pub const GENERAL_QUANTIZATION_VERSION: &str = "general.quantization_version";
 pub const GENERAL_ALIGNMENT: &str = "general.alignment";
+/// `"adapter"` in llama.cpp's adapter files (absent from models).
+pub const GENERAL_TYPE: &str = "general.type";
+pub const GENERAL_TYPE_ADAPTER: &str = "adapter";
+
+/// llama.cpp's LoRA adapter files: `adapter.type = "lora"` and the one `alpha` that llama.cpp
+/// divides by each pair's rank.
+pub const ADAPTER_TYPE: &str = "adapter.type";
+pub const ADAPTER_TYPE_LORA: &str = "lora";
+pub const ADAPTER_LORA_ALPHA: &str = "adapter.lora.alpha";
+/// Where an adapter file came from: the SHA-256 of the PEFT adapter's two files
+/// (`PeftAdapter::sha256`) and its `base_model_name_or_path`.
+pub const ADAPTER_SOURCE_SHA256: &str = "adapter.lora.source.sha256";
+pub const ADAPTER_SOURCE_BASE_MODEL: &str = "adapter.lora.source.base_model";
+
+/// The PEFT LoRA adapters merged into a model's weights (`falcon-quantize --lora`), one entry
+/// each in the order they were given: the adapter directory's name (string array), the scale it
+/// was merged at (f32 array) and the SHA-256 of its two files (string array, see
+/// `PeftAdapter::sha256`). Absent when nothing was merged.
+pub const LORA_MERGED_NAMES: &str = "lora.merged.names";
+pub const LORA_MERGED_SCALES: &str = "lora.merged.scales";
+pub const LORA_MERGED_SHA256: &str = "lora.merged.sha256";
 
 /// The architecture name llama.cpp knows Falcon-7B/40B/180B by.
 pub const ARCH_FALCON: &str = "falcon";
