@@ -6,7 +6,6 @@
 //! [`engine`]).
 pub mod engine;
 pub mod infer;
-pub mod quantize;
 
 /// An error and its causes on one line, for the binaries' single error message.
 pub fn error_chain(e: &anyhow::Error) -> String {
