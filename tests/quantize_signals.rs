@@ -180,7 +180,11 @@ fn a_killed_runs_file_is_removed_by_the_next_run_but_a_live_runs_is_not() {
     let stale = wait_for_partial(dir, &mut killed, None);
     signal(&killed, libc::SIGKILL);
     killed.wait().unwrap();
-    assert_eq!(partials(dir), [stale.clone()], "what SIGKILL leaves");
+    assert_eq!(
+        partials(dir),
+        std::slice::from_ref(&stale),
+        "what SIGKILL leaves"
+    );
 
     // The next conversion into the directory removes it.
     let mut live = start(&ck, &dir.join("b.gguf"));

@@ -263,7 +263,7 @@ mod tests {
         std::fs::create_dir(dir.path().join(format!(".d{SUFFIX}"))).unwrap();
 
         let removed = remove_stale(dir.path()).unwrap();
-        assert_eq!(removed, [stale.clone()]);
+        assert_eq!(removed, std::slice::from_ref(&stale));
         assert!(!stale.exists());
         assert!(live.path().exists() && other.exists());
         // Creating a partial file cleans up the same way.
