@@ -7,7 +7,6 @@
 pub mod engine;
 pub mod eval;
 pub mod infer;
-pub mod quantize;
 pub mod serve;
 
 /// An error and its causes on one line, for the binaries' single error message.

@@ -84,6 +84,8 @@ pub enum ConvertError {
         needed: u64,
         available: u64,
     },
+    #[error("no file type has {bits}-bit weights: 4 and 8 are supported")]
+    UnsupportedBits { bits: u32 },
     #[error("interrupted; nothing was written to {path}")]
     Interrupted { path: PathBuf },
     #[error(transparent)]

@@ -132,12 +132,8 @@ pub fn prepare(dir: &Path, opts: &Options) -> Result<Prepared, ConvertError> {
     let config = FalconConfig::from_dir(dir)?;
     let file_type = match opts.target {
         Target::Type(t) => t,
-        Target::Bits(b) => {
-            FileType::for_bits(b, config.hidden_size).ok_or_else(|| ConvertError::BadConfig {
-                path: dir.to_path_buf(),
-                why: format!("--bits {b} is not supported: use 4 or 8"),
-            })?
-        }
+        Target::Bits(b) => FileType::for_bits(b, config.hidden_size)
+            .ok_or(ConvertError::UnsupportedBits { bits: b })?,
     };
     let checkpoint = if opts.vocab_only {
         None
@@ -414,4 +410,25 @@ fn write_file(p: &Prepared, out: &Path, opts: &Options) -> Result<u64, ConvertEr
     }
     partial.persist().map_err(|e| ConvertError::write(out, e))?;
     Ok(file_len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_bits_are_a_typed_error_naming_no_flag() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-7b-style");
+        let opts = Options {
+            target: Target::Bits(5),
+            vocab_only: true,
+            ..Options::default()
+        };
+        let e = prepare(&dir, &opts).unwrap_err();
+        assert!(
+            matches!(e, ConvertError::UnsupportedBits { bits: 5 }),
+            "{e:?}"
+        );
+        assert!(!e.to_string().contains("--"), "{e}");
+    }
 }
