@@ -24,6 +24,7 @@ if [ -z "$backends" ] || ! ls "$backends"/libggml-*.so >/dev/null 2>&1; then
 fi
 mkdir -p "$out"
 cp "$release/falcon-infer" "$release/falcon-quantize" "$out/"
-cp "$release"/lib*.so* "$out/"
+# llama.cpp's libraries under the names the binaries ask for (libllama.so.0, ...), as files.
+cp -L "$backends"/../lib/lib*.so.[0-9] "$out/"
 cp "$backends"/libggml-*.so "$out/"
 echo "package-portable: $(ls "$out" | wc -l) files in $out"
