@@ -238,6 +238,8 @@ fn infer_chat_answers_each_turn() {
             "0",
             "--system",
             "Speak.",
+            "--chat-template",
+            "falcon-180b-chat",
         ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

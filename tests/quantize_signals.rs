@@ -64,7 +64,12 @@ fn partials(dir: &Path) -> Vec<PathBuf> {
 
 /// Waits until `child` has written more than 1 MiB into a temporary file in `dir` other than
 /// `except`, and returns that file.
-fn wait_for_partial(dir: &Path, child: &mut Child, except: Option<&Path>) -> PathBuf {
+fn wait_for_partial(
+    dir: &Path,
+    child: &mut Child,
+    except: Option<&Path>,
+    stderr: &Stderr,
+) -> PathBuf {
     let started = Instant::now();
     loop {
         let found = partials(dir).into_iter().find(|p| {
@@ -73,10 +78,14 @@ fn wait_for_partial(dir: &Path, child: &mut Child, except: Option<&Path>) -> Pat
         if let Some(p) = found {
             return p;
         }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "finished before it could be signalled"
-        );
+        if let Some(status) = child.try_wait().unwrap() {
+            // Give the reader a moment to collect what the child said.
+            std::thread::sleep(Duration::from_millis(200));
+            panic!(
+                "finished ({status}) before it could be signalled: {}",
+                stderr.0.lock().unwrap()
+            );
+        }
         assert!(started.elapsed().as_secs() < 300, "no output after 300 s");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -135,7 +144,7 @@ fn interrupted_leaves_nothing(signals: &[i32]) {
     let out_dir = tempfile::tempdir().unwrap();
     let mut child = start(&ck, &out_dir.path().join("model.gguf"));
     let stderr = Stderr::of(&mut child);
-    wait_for_partial(out_dir.path(), &mut child, None);
+    wait_for_partial(out_dir.path(), &mut child, None, &stderr);
     for (i, &s) in signals.iter().enumerate() {
         if i > 0 {
             stderr.wait_for("interrupt again to stop at once");
@@ -177,7 +186,8 @@ fn a_killed_runs_file_is_removed_by_the_next_run_but_a_live_runs_is_not() {
 
     // SIGKILL cannot be caught: the temporary file stays.
     let mut killed = start(&ck, &dir.join("a.gguf"));
-    let stale = wait_for_partial(dir, &mut killed, None);
+    let killed_err = Stderr::of(&mut killed);
+    let stale = wait_for_partial(dir, &mut killed, None, &killed_err);
     signal(&killed, libc::SIGKILL);
     killed.wait().unwrap();
     assert_eq!(
@@ -188,7 +198,8 @@ fn a_killed_runs_file_is_removed_by_the_next_run_but_a_live_runs_is_not() {
 
     // The next conversion into the directory removes it.
     let mut live = start(&ck, &dir.join("b.gguf"));
-    let writing = wait_for_partial(dir, &mut live, Some(&stale));
+    let live_err = Stderr::of(&mut live);
+    let writing = wait_for_partial(dir, &mut live, Some(&stale), &live_err);
     assert!(!stale.exists(), "the killed run's file is still there");
 
     // Another conversion into the directory leaves the live one's file alone.
@@ -208,12 +219,7 @@ fn a_killed_runs_file_is_removed_by_the_next_run_but_a_live_runs_is_not() {
     );
 
     signal(&live, libc::SIGINT);
-    let o = live.wait_with_output().unwrap();
-    assert_eq!(
-        o.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let status = live.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{}", live_err.finish());
     assert_eq!(entries(dir), ["c.gguf"]);
 }

@@ -395,6 +395,13 @@ impl<'e> Model<'e> {
     /// such, like Hugging Face tokenizers do); `add_special` adds BOS/EOS where the GGUF asks.
     #[must_use]
     pub fn tokenize(&self, text: &str, add_special: bool) -> Vec<Token> {
+        self.tokenize_with(text, add_special, true)
+    }
+
+    /// Tokenizes text; `parse_special = false` reads special tokens written in the text
+    /// (`<|endoftext|>`) as plain text.
+    #[must_use]
+    pub fn tokenize_with(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<Token> {
         let Ok(len) = i32::try_from(text.len()) else {
             return Vec::new();
         };
@@ -409,7 +416,7 @@ impl<'e> Model<'e> {
                     out.as_mut_ptr(),
                     i32::try_from(out.len()).unwrap_or(i32::MAX),
                     add_special,
-                    true,
+                    parse_special,
                 )
             };
             if n >= 0 {

@@ -146,6 +146,18 @@ impl ApiError {
         )
     }
 
+    /// 503: the model can no longer generate (e.g. an RPC worker holding some of its layers
+    /// was lost); `/health` says the same.
+    #[must_use]
+    pub fn unhealthy(api: Api, why: &str) -> Self {
+        ApiError::new(
+            api,
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Unavailable,
+            format!("the server cannot generate: {why}"),
+        )
+    }
+
     /// 404 for a path no route serves.
     #[must_use]
     pub fn no_route(api: Api, method: &str, path: &str) -> Self {

@@ -389,6 +389,9 @@ fn submit(
     params: &super::params::GenerationParams,
     adapter: Option<super::queue::AdapterId>,
 ) -> Result<Vec<(u64, Running)>, ApiError> {
+    if let Some(why) = state.health.failure() {
+        return Err(ApiError::unhealthy(api, &why));
+    }
     let mut running = Vec::with_capacity(prompts.len());
     for p in prompts {
         let mut params = params.clone();

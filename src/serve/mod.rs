@@ -15,6 +15,7 @@
 //! This module never prints: each request is reported as a `tracing` event (target
 //! `falcon::serve::request`), which the binary prints.
 
+pub mod batch;
 pub mod error;
 pub mod http;
 pub mod metrics;

@@ -9,6 +9,8 @@ use falcon::infer::chat::History;
 use falcon::infer::generate::{complete, Counters};
 use falcon::infer::InferError;
 
+use falcon::serve::template::TemplateSpec;
+
 use crate::args::{DeviceArgs, ModelArgs, SamplingArgs};
 
 #[derive(Debug, Args)]
@@ -19,9 +21,14 @@ pub struct ChatArgs {
     pub device: DeviceArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// A system line put before the conversation.
+    /// A system message put before the conversation.
     #[arg(long)]
     pub system: Option<String>,
+    /// Chat template: `falcon-instruct` (User:/Assistant:, Falcon-7B/40B-instruct),
+    /// `falcon-180b-chat` (System:/User:/Falcon:) or a Jinja file. Default: the model's own
+    /// (tokenizer.chat_template), else the family's format chosen from the model's name.
+    #[arg(long, value_name = "NAME|FILE")]
+    pub chat_template: Option<String>,
 }
 
 pub fn run(c: ChatArgs) -> anyhow::Result<()> {
@@ -31,8 +38,11 @@ pub fn run(c: ChatArgs) -> anyhow::Result<()> {
     let (model, _) = rt.load()?;
     let mut session = rt.session(&model)?;
     let n_ctx = session.n_ctx();
+    let spec = c.chat_template.as_deref().map(TemplateSpec::parse);
+    let template = falcon::infer::chat::template(&model, spec.as_ref())
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
     let mut stops = c.sampling.stop.clone();
-    stops.push("User:".into());
+    stops.extend(template.stop().iter().cloned());
     let max_new = c.sampling.max_new_tokens;
     let reserve = max_new.min(n_ctx / 2);
     let mut history = History {
@@ -54,13 +64,18 @@ pub fn run(c: ChatArgs) -> anyhow::Result<()> {
             break;
         }
         // Drop the oldest turns until the prompt and room for an answer fit.
-        let ids = loop {
-            let ids = model.tokenize(&history.prompt(first, &line), true);
+        let (prompt, ids) = loop {
+            let prompt = template
+                .render(&history.messages(first, &line), true)
+                .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+            let ids = model.tokenize(&prompt, true);
             if ids.len() + reserve <= n_ctx || first == history.turns.len() {
-                break ids;
+                break (prompt, ids);
             }
             first += 1;
         };
+        // The answer's label: the generation prompt's last line (`Assistant:`, `Falcon:`).
+        let label = prompt.rsplit('\n').next().unwrap_or("").trim_end();
         if ids.len() >= n_ctx {
             eprintln!(
                 "error: this message is {} tokens with the system line; the context holds {n_ctx} \
@@ -70,7 +85,7 @@ pub fn run(c: ChatArgs) -> anyhow::Result<()> {
             continue;
         }
         let mut out = std::io::stdout().lock();
-        write!(out, "Falcon:").map_err(InferError::Output)?;
+        write!(out, "{label}").map_err(InferError::Output)?;
         let mut on_text = |s: &str| -> Result<(), InferError> {
             if crate::interrupted() {
                 return Err(InferError::Interrupted);

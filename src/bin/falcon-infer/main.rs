@@ -7,6 +7,7 @@ mod generate;
 mod perplexity;
 mod plan;
 mod rpc;
+mod serve;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -41,8 +42,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Sub {
-    /// Chat in Falcon-instruct's format (User: / Falcon: turns), reading lines from stdin.
+    /// Chat in the model's own format (its chat template, else its family's), reading lines
+    /// from stdin.
     Chat(chat::ChatArgs),
+    /// Serve the model over the OpenAI and TGI HTTP APIs, many users at once.
+    Serve(Box<serve::ServeArgs>),
     /// Print what goes where and how much memory each device needs, before loading anything.
     Plan(plan::PlanArgs),
     /// Perplexity of a text file (and, with --reference, KL divergence and top-1 agreement).
@@ -76,7 +80,9 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
 
-fn install_signal_handlers() {
+/// `fatal`: install the command line's handler of ggml's fatal errors (the server installs its
+/// own, which keeps answering `/health`).
+fn install_signal_handlers(fatal: bool) {
     // The first signal asks the work to stop and clean up (a quantization in progress removes
     // its partial file); a second one ends the process at once, removing partial files first.
     let _ = ctrlc::set_handler(|| {
@@ -87,6 +93,9 @@ fn install_signal_handlers() {
     });
     // ggml gives up on some errors (an RPC worker that died) by aborting; say what happened and
     // which worker, and exit like any other error.
+    if !fatal {
+        return;
+    }
     falcon::engine::on_fatal(|f| {
         let msg = if f.dead_workers.is_empty() {
             format!("llama.cpp gave up: {}", f.message)
@@ -262,6 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Sub::Perplexity(p)) => perplexity::run(p),
         Some(Sub::Bench(b)) => bench::run(b),
         Some(Sub::RpcServer(r)) => rpc::run(r),
+        Some(Sub::Serve(s)) => serve::run(*s),
     }
 }
 
@@ -272,6 +282,7 @@ fn verbose(cli: &Cli) -> bool {
         Some(Sub::Perplexity(p)) => p.model.verbose,
         Some(Sub::Bench(b)) => b.model.verbose,
         Some(Sub::RpcServer(r)) => r.verbose,
+        Some(Sub::Serve(s)) => s.model.verbose,
         Some(Sub::Plan(_)) => false,
     }
 }
@@ -279,7 +290,7 @@ fn verbose(cli: &Cli) -> bool {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(verbose(&cli));
-    install_signal_handlers();
+    install_signal_handlers(!matches!(cli.command, Some(Sub::Serve(_))));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
