@@ -286,3 +286,91 @@ fn rpc_plan_spreads_falcon_180b_over_three_machines_of_48_gb() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("does not fit"), "{}", stdout(&o));
 }
+
+/// `serve` with its layers on a worker that dies: requests end with an error naming the worker,
+/// `/health` turns to 503 with the worker's address, and the server goes on answering.
+#[test]
+fn rpc_serve_reports_a_dead_worker_on_health_and_keeps_answering() {
+    use std::io::BufRead;
+    let dir = root().join("models/falcon-mini");
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("q8_0.gguf");
+    quantize(&dir, &gguf, "q8_0");
+    let mut worker = spawn_worker(&[]);
+    let mut server = Command::new(env!("CARGO_BIN_EXE_falcon-infer"))
+        .args(["serve", "-m", gguf.to_str().unwrap(), "--port", "0"])
+        .args([
+            "--threads",
+            "1",
+            "--rpc",
+            &worker.endpoint,
+            "--gpu-layers",
+            "all",
+        ])
+        .args(["--ctx-size", "256", "--parallel", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = server.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.split(" on http://").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+            }
+            sink.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
+    let Ok(addr) = rx.recv_timeout(Duration::from_secs(60)) else {
+        let _ = server.kill();
+        panic!("serve did not start: {}", log.lock().unwrap());
+    };
+    let url = format!("http://{addr}");
+    let generate = || {
+        ureq::post(&format!("{url}/generate"))
+            .set("Content-Type", "application/json")
+            .timeout(Duration::from_secs(30))
+            .send_string(r#"{"inputs": "And the LORD", "parameters": {"max_new_tokens": 8}}"#)
+    };
+    assert!(generate().is_ok(), "{}", log.lock().unwrap());
+
+    worker.child.kill().unwrap();
+    worker.child.wait().unwrap();
+    let killed = Instant::now();
+    match generate() {
+        Err(ureq::Error::Status(code, r)) => {
+            assert_eq!(code, 503);
+            let body = r.into_string().unwrap();
+            assert!(body.contains(&worker.endpoint), "{body}");
+        }
+        other => panic!("a request on a dead worker: {other:?}"),
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        killed.elapsed()
+    );
+    match ureq::get(&format!("{url}/health")).call() {
+        Err(ureq::Error::Status(503, r)) => {
+            let body = r.into_string().unwrap();
+            assert!(body.contains(&worker.endpoint), "{body}");
+        }
+        other => panic!("/health after the worker died: {other:?}"),
+    }
+    // New requests are refused at once, and the server still answers.
+    match generate() {
+        Err(ureq::Error::Status(503, _)) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(server.try_wait().unwrap().is_none(), "the server exited");
+    assert!(log.lock().unwrap().contains(&worker.endpoint));
+    let _ = server.kill();
+    let _ = server.wait();
+}

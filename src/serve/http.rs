@@ -77,6 +77,14 @@ impl AppState {
     pub fn cut_requests(&self) {
         self.cut.send_replace(true);
     }
+
+    /// What a cut request answers: the server is stopping, or can no longer generate.
+    fn cut_error(&self, api: Api) -> ApiError {
+        match self.health.failure() {
+            Some(why) => ApiError::unhealthy(api, &why),
+            None => ApiError::shutting_down(api),
+        }
+    }
 }
 
 /// Options of the HTTP layer.
@@ -423,14 +431,16 @@ fn submit(
 /// Why a request ended without its answer.
 enum Stopped {
     Failed(GenerationError),
-    Cut,
+    /// Cut at shutdown (`None`), or because the model can no longer generate (the reason).
+    Cut(Option<String>),
 }
 
 impl Stopped {
     fn into_api_error(self, api: Api) -> ApiError {
         match self {
             Stopped::Failed(e) => ApiError::generation(api, e.to_string()),
-            Stopped::Cut => ApiError::shutting_down(api),
+            Stopped::Cut(Some(why)) => ApiError::unhealthy(api, &why),
+            Stopped::Cut(None) => ApiError::shutting_down(api),
         }
     }
 }
@@ -443,7 +453,7 @@ async fn collect(state: &AppState, run: &mut Running, n: u32) -> Result<Vec<SeqO
     while left > 0 {
         let event = tokio::select! {
             e = run.rx.recv() => e,
-            _ = cut.wait_for(|c| *c) => return Err(Stopped::Cut),
+            _ = cut.wait_for(|c| *c) => return Err(Stopped::Cut(state.health.failure())),
         };
         match event {
             Some(Event::Token { seq, token }) => {
@@ -706,7 +716,7 @@ impl ChatStream {
                 );
             }
             None if *self.cut.borrow() => {
-                self.end(Some(ApiError::shutting_down(Api::OpenAi)), &mut out);
+                self.end(Some(self.state.cut_error(Api::OpenAi)), &mut out);
             }
             None => self.end(
                 Some(ApiError::generation(
@@ -943,7 +953,7 @@ impl CompletionStream {
                 );
             }
             None if *self.cut.borrow() => {
-                self.end(Some(ApiError::shutting_down(Api::OpenAi)), &mut out);
+                self.end(Some(self.state.cut_error(Api::OpenAi)), &mut out);
             }
             None => self.end(
                 Some(ApiError::generation(
@@ -1191,7 +1201,10 @@ impl TgiStream {
             Some(Event::Failed(e)) => {
                 self.fail(&ApiError::generation(Api::Tgi, e.to_string()), &mut out);
             }
-            None if *self.cut.borrow() => self.fail(&ApiError::shutting_down(Api::Tgi), &mut out),
+            None if *self.cut.borrow() => {
+                let e = self.state.cut_error(Api::Tgi);
+                self.fail(&e, &mut out);
+            }
             None => self.fail(
                 &ApiError::generation(Api::Tgi, "the generation loop dropped the request"),
                 &mut out,
