@@ -431,10 +431,12 @@ fn reference_reports_agreement_and_loglikelihood_difference() {
     assert!(agreement("acc").ends_with(&format!("{:.2}%", 100.0 * acc)));
     assert!(agreement("acc_norm").ends_with(&format!("{:.2}%", 100.0 * norm)));
 
-    // A reference of another task is refused, naming the file.
+    // A reference of another shot count is refused, naming the file, before the model is
+    // even looked for.
+    let missing = tmp.path().join("no-such-model.gguf");
     let o = eval(&[
         "--model",
-        q8.to_str().unwrap(),
+        missing.to_str().unwrap(),
         "--task",
         "hellaswag",
         "--data",

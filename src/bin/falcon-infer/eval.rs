@@ -11,7 +11,7 @@ use clap::Args;
 
 use falcon::eval::data;
 use falcon::eval::metrics::Metric;
-use falcon::eval::report::{compare, read_report, Comparison, Report};
+use falcon::eval::report::{check_comparable, compare, read_report, Comparison, Report};
 use falcon::eval::tasks::{build_items, Fewshot, Item, Scoring, Setup, Unscorable};
 use falcon::eval::{TaskKind, HARNESS_COMMIT};
 use falcon::infer::eval::{score, tokenize, EvalContext, DEFAULT_CELLS, MAX_SEQS};
@@ -109,9 +109,14 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     };
     let items = build_items(&setup, &records, fewshot)?;
     let reference = a.reference.as_deref().map(read_report).transpose()?;
+    if let (Some(r), Some(path)) = (&reference, &a.reference) {
+        check_comparable(r, &setup, path)?;
+    }
 
     // The KV cells of a round also size llama.cpp's fitting of layers to GPU memory.
-    load.context.n_ctx = Some(a.device.ctx_size.unwrap_or(DEFAULT_CELLS));
+    let cells = a.device.ctx_size.unwrap_or(DEFAULT_CELLS);
+    load.context.n_ctx = Some(cells);
+    load.context.n_batch = Some(a.device.batch_size.unwrap_or(cells));
     load.context.n_seq_max = MAX_SEQS;
     load.context.kv_unified = true;
     let rt = crate::runtime(&a.model, &a.device, &load)?;
@@ -171,13 +176,13 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         report.items.len(),
         report.items.len() as f64 / elapsed.max(1e-9)
     );
+    if let Some(path) = &a.json {
+        write_json(path, &report)?;
+    }
     let comparison = match (&reference, &a.reference) {
         (Some(r), Some(path)) => Some(compare(&report, r, path)?),
         _ => None,
     };
-    if let Some(path) = &a.json {
-        write_json(path, &report)?;
-    }
     let mut out = std::io::stdout().lock();
     print_table(&mut out, &report, max_length)?;
     if let (Some(c), Some(path)) = (&comparison, &a.reference) {
