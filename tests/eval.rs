@@ -7,10 +7,11 @@
 //!
 //! Why not 1e-3 per choice: llama.cpp's Falcon graph uses the tanh approximation of GELU, which
 //! its CPU backend reads from a table indexed by the input rounded to f16, where transformers
-//! uses the exact erf form. That moves each token's log-probability by up to about 1.2e-3 on
-//! falcon-mini (measured: 1.2e-3 for a one-token MMLU answer, 6e-3 for a 19-token Winogrande
-//! continuation), and the f16 rounding turns the last-bit differences between batch layouts
-//! into differences of the same size, so two packings of the same requests differ as much.
+//! uses the exact erf form. Measured on falcon-mini, a token's log-probability differs from the
+//! harness's by up to about 1.2e-3 (1.2e-3 for a one-token MMLU answer, 6e-3 for a 19-token
+//! Winogrande continuation), and two packings of the same requests differ by as much (rounding
+//! GELU's input to f16 turns last-bit differences between batch layouts into differences of
+//! that size).
 //! Then `--reference`, Parquet input, and bad input.
 
 mod common;
