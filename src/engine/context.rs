@@ -13,7 +13,9 @@ use super::{take_log, EngineError, Token};
 /// Context (KV cache and batch) settings.
 #[derive(Debug, Clone)]
 pub struct ContextOptions {
-    /// Context size in tokens for each sequence; `None` = the model's training context.
+    /// Context size in tokens for each sequence; `None` = the model's training context. With
+    /// `kv_unified` it is the number of KV cells all sequences share, any one of which may use
+    /// them all.
     pub n_ctx: Option<u32>,
     /// Logical batch size (tokens per decode call); `None` = llama.cpp's default.
     pub n_batch: Option<u32>,
@@ -45,12 +47,16 @@ impl Default for ContextOptions {
 }
 
 impl ContextOptions {
-    /// llama.cpp's parameters for `n_seq` sequences of `n_ctx` each.
+    /// llama.cpp's parameters for `n_seq` sequences of `n_ctx` each (sharing `n_ctx` cells
+    /// when the cache is unified).
     pub(crate) fn raw(&self, n_seq: u32) -> llama_cpp_sys_2::llama_context_params {
         // SAFETY: returns a plain struct of defaults.
         let mut p = unsafe { llama_cpp_sys_2::llama_context_default_params() };
         let threads = self.threads.map_or_else(default_threads, |t| t as i32);
-        p.n_ctx = self.n_ctx.unwrap_or(0).saturating_mul(n_seq.max(1));
+        // llama.cpp's n_ctx is the whole cache: split among the sequences, or shared by all of
+        // them when unified.
+        let cells_for = if self.kv_unified { 1 } else { n_seq.max(1) };
+        p.n_ctx = self.n_ctx.unwrap_or(0).saturating_mul(cells_for);
         p.n_seq_max = n_seq.max(1);
         p.n_threads = threads;
         p.n_threads_batch = threads;
@@ -129,7 +135,8 @@ impl<'m> Context<'m> {
         })
     }
 
-    /// Context size of each sequence, in tokens.
+    /// Context size of each sequence, in tokens (with a unified cache, the cells all sequences
+    /// share).
     #[must_use]
     pub fn n_ctx(&self) -> usize {
         self.n_ctx

@@ -482,6 +482,14 @@ impl<'e> Model<'e> {
         unsafe { llama_cpp_sys_2::llama_vocab_n_tokens(self.vocab.as_ptr()) }.max(0) as usize
     }
 
+    /// The end-of-text token, if the vocabulary has one.
+    #[must_use]
+    pub fn eos(&self) -> Option<Token> {
+        // SAFETY: a read of the vocabulary; it returns -1 (LLAMA_TOKEN_NULL) when there is none.
+        let t = unsafe { llama_cpp_sys_2::llama_vocab_eos(self.vocab.as_ptr()) };
+        self.valid(t).then_some(t)
+    }
+
     /// The context length the model was trained with.
     #[must_use]
     pub fn n_ctx_train(&self) -> u32 {

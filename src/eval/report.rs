@@ -220,6 +220,29 @@ pub struct Comparison {
     pub max_abs_loglikelihood_diff: f64,
 }
 
+/// Whether a run of `setup` can be compared with `reference` (read from `path`, named in
+/// errors): the same task, shots and seed, so the same prompts. For checking before a run.
+///
+/// # Errors
+/// Another task, other shots or another seed.
+pub fn check_comparable(reference: &Report, setup: &Setup, path: &Path) -> Result<(), EvalError> {
+    if (reference.task, reference.shots, reference.seed) != (setup.task, setup.shots, setup.seed) {
+        return Err(EvalError::Reference {
+            path: path.to_owned(),
+            problem: format!(
+                "a {}-shot {} run with seed {}, not {}-shot {} with seed {}: its prompts differ",
+                reference.shots,
+                reference.task,
+                reference.seed,
+                setup.shots,
+                setup.task,
+                setup.seed
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Compares `report` with `reference` (read from `path`, named in errors) over the items
 /// both have.
 ///
@@ -231,13 +254,16 @@ pub fn compare(report: &Report, reference: &Report, path: &Path) -> Result<Compa
         path: path.to_owned(),
         problem,
     };
-    if (reference.task, reference.shots, reference.seed) != (report.task, report.shots, report.seed)
-    {
-        return Err(problem(format!(
-            "a {}-shot {} run with seed {}, not {}-shot {} with seed {}: its prompts differ",
-            reference.shots, reference.task, reference.seed, report.shots, report.task, report.seed
-        )));
-    }
+    check_comparable(
+        reference,
+        &Setup {
+            task: report.task,
+            shots: report.shots,
+            seed: report.seed,
+            limit: report.limit,
+        },
+        path,
+    )?;
     let theirs: BTreeMap<(Option<&str>, usize), &ItemReport> = reference
         .items
         .iter()

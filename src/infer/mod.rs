@@ -1,12 +1,14 @@
 //! Running Falcon models through llama.cpp (see [`crate::engine`]): where the GGUF comes from
 //! ([`source`]), the generation loop with stop strings ([`generate`]), chat prompts ([`chat`]),
-//! perplexity ([`perplexity`]), memory plans ([`plan`]) and speed ([`bench`]).
+//! perplexity ([`perplexity`]), the leaderboard's multiple-choice tasks ([`eval`]), memory plans
+//! ([`plan`]) and speed ([`bench`]).
 //!
 //! Nothing here prints: results are returned, progress goes to callbacks, and notices (a cached
 //! model reused, a GPU option that cannot apply) are `tracing` events that the binaries show.
 
 pub mod bench;
 pub mod chat;
+pub mod eval;
 pub mod generate;
 pub mod perplexity;
 pub mod plan;
@@ -67,6 +69,12 @@ pub enum InferError {
     /// The run was interrupted.
     #[error("interrupted")]
     Interrupted,
+    /// Evaluation requests that cannot be packed into the context.
+    #[error(transparent)]
+    Pack(#[from] crate::eval::pack::PackError),
+    /// A vocabulary without an end-of-text token.
+    #[error("the model's vocabulary has no end-of-text token, which scoring needs")]
+    NoEndOfText,
 }
 
 /// A resolved, validated GGUF and an initialised engine, ready to load.

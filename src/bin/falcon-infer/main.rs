@@ -3,6 +3,7 @@
 mod args;
 mod bench;
 mod chat;
+mod eval;
 mod generate;
 mod perplexity;
 mod plan;
@@ -53,6 +54,32 @@ enum Sub {
     Perplexity(perplexity::PerplexityArgs),
     /// Prompt-processing and generation speed, and the memory-bandwidth ceiling.
     Bench(bench::BenchArgs),
+    /// The Open LLM Leaderboard's multiple-choice tasks, scored as lm-evaluation-harness does.
+    ///
+    /// Each task's data as its public release gives it, in JSON Lines or Parquet (a file, or a
+    /// directory of them):
+    ///
+    ///   task        --data       --fewshot-data                        shots  leaderboard metric
+    ///   arc         test         train (drawn at random, seeded)          25  acc_norm
+    ///   hellaswag   validation   train (drawn at random, seeded)          10  acc_norm
+    ///   mmlu        test         dev (the first K of each subject's)       5  acc (mean of subjects)
+    ///   truthfulqa  validation   none: zero-shot only                      0  mc2
+    ///   winogrande  validation   train (drawn at random, seeded)           5  acc
+    ///
+    /// Prompts, few-shot draws, tokenization and metrics follow lm-evaluation-harness at the
+    /// commit the Open LLM Leaderboard used (b281b09; see docs/EVAL.md). Each choice is scored by
+    /// its summed log-probability after the context; the contexts shared by choices and items
+    /// are evaluated once, packed into batches of many sequences.
+    ///
+    /// Prints a table of metrics with standard errors on stdout; a progress bar on stderr when it
+    /// is a terminal. Items that cannot be scored (a continuation longer than the model's
+    /// context) are skipped and counted, or are an error with --strict; longer contexts are cut
+    /// from the left, as the harness does.
+    ///
+    /// --ctx-size is the KV cells one packed batch of requests fills (default 4096, at least
+    /// the model's context); --batch-size the tokens per llama.cpp decode (default: all of them).
+    #[command(verbatim_doc_comment)]
+    Eval(eval::EvalArgs),
     /// Serve this machine's devices (GPUs, or the CPU) to other machines' `--rpc`.
     ///
     /// The protocol has no authentication and no encryption: listen only on loopback (the
@@ -178,15 +205,10 @@ pub fn progress_bar() -> Option<Arc<convert::ProgressFn>> {
     }))
 }
 
-/// Resolves the model (quantizing a checkpoint once), initialises llama.cpp, adds RPC workers
-/// and announces the devices.
-pub fn runtime(
-    model: &args::ModelArgs,
-    device: &args::DeviceArgs,
-    load: &falcon::engine::LoadOptions,
-) -> anyhow::Result<Runtime> {
-    let cancel = Arc::new(AtomicBool::new(false));
-    let watcher = cancel.clone();
+/// A flag that is set once the user asks to stop, for the library to poll.
+pub fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let watcher = flag.clone();
     // The library polls its own flag; mirror the process-wide one into it.
     std::thread::spawn(move || loop {
         if interrupted() {
@@ -195,6 +217,17 @@ pub fn runtime(
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     });
+    flag
+}
+
+/// Resolves the model (quantizing a checkpoint once), initialises llama.cpp, adds RPC workers
+/// and announces the devices.
+pub fn runtime(
+    model: &args::ModelArgs,
+    device: &args::DeviceArgs,
+    load: &falcon::engine::LoadOptions,
+) -> anyhow::Result<Runtime> {
+    let cancel = interrupt_flag();
     let rt = Runtime::new(&model.spec()?, load, progress_bar(), Some(cancel)).map_err(|e| {
         if interrupted() {
             anyhow::Error::new(InferError::Interrupted)
@@ -231,6 +264,7 @@ fn advice(e: &anyhow::Error) -> Option<&'static str> {
                 InferError::EmptyPrompt => {
                     Some("give some text with --prompt, --prompt-file or stdin")
                 }
+                InferError::Pack(_) => Some("raise --ctx-size"),
                 _ => continue,
             };
         }
@@ -270,6 +304,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Sub::Plan(p)) => plan::run(p),
         Some(Sub::Perplexity(p)) => perplexity::run(p),
         Some(Sub::Bench(b)) => bench::run(b),
+        Some(Sub::Eval(e)) => eval::run(e),
         Some(Sub::RpcServer(r)) => rpc::run(r),
         Some(Sub::Serve(s)) => serve::run(*s),
     }
@@ -281,6 +316,7 @@ fn verbose(cli: &Cli) -> bool {
         Some(Sub::Chat(c)) => c.model.verbose,
         Some(Sub::Perplexity(p)) => p.model.verbose,
         Some(Sub::Bench(b)) => b.model.verbose,
+        Some(Sub::Eval(e)) => e.model.verbose,
         Some(Sub::RpcServer(r)) => r.verbose,
         Some(Sub::Serve(s)) => s.model.verbose,
         Some(Sub::Plan(_)) => false,
