@@ -333,25 +333,25 @@ fn rpc_serve_reports_a_dead_worker_on_health_and_keeps_answering() {
         panic!("serve did not start: {}", log.lock().unwrap());
     };
     let url = format!("http://{addr}");
-    let generate = || {
-        ureq::post(&format!("{url}/generate"))
+    // (status, body) of a small generation request.
+    let generate = || -> (u16, String) {
+        match ureq::post(&format!("{url}/generate"))
             .set("Content-Type", "application/json")
             .timeout(Duration::from_secs(30))
             .send_string(r#"{"inputs": "And the LORD", "parameters": {"max_new_tokens": 8}}"#)
+        {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => (r.status(), r.into_string().unwrap()),
+            Err(e) => panic!("{e}"),
+        }
     };
-    assert!(generate().is_ok(), "{}", log.lock().unwrap());
+    assert_eq!(generate().0, 200, "{}", log.lock().unwrap());
 
     worker.child.kill().unwrap();
     worker.child.wait().unwrap();
     let killed = Instant::now();
-    match generate() {
-        Err(ureq::Error::Status(code, r)) => {
-            assert_eq!(code, 503);
-            let body = r.into_string().unwrap();
-            assert!(body.contains(&worker.endpoint), "{body}");
-        }
-        other => panic!("a request on a dead worker: {other:?}"),
-    }
+    let (status, body) = generate();
+    assert_eq!(status, 503, "a request on a dead worker: {body}");
+    assert!(body.contains(&worker.endpoint), "{body}");
     assert!(
         killed.elapsed() < Duration::from_secs(10),
         "{:?}",
@@ -365,10 +365,7 @@ fn rpc_serve_reports_a_dead_worker_on_health_and_keeps_answering() {
         other => panic!("/health after the worker died: {other:?}"),
     }
     // New requests are refused at once, and the server still answers.
-    match generate() {
-        Err(ureq::Error::Status(503, _)) => {}
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(generate().0, 503);
     assert!(server.try_wait().unwrap().is_none(), "the server exited");
     assert!(log.lock().unwrap().contains(&worker.endpoint));
     let _ = server.kill();
