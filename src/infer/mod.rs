@@ -1,5 +1,5 @@
 //! Running Falcon models through llama.cpp (see [`crate::engine`]): where the GGUF comes from
-//! ([`source`]), the generation loop with stop strings ([`generate`]), chat prompts ([`chat`]),
+//! ([`source`]) and its LoRA adapters ([`lora`]), the generation loop with stop strings ([`generate`]), chat prompts ([`chat`]),
 //! perplexity ([`perplexity`]), memory plans ([`plan`]) and speed ([`bench`]).
 //!
 //! Nothing here prints: results are returned, progress goes to callbacks, and notices (a cached
@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod chat;
 pub mod generate;
+pub mod lora;
 pub mod perplexity;
 pub mod plan;
 pub mod source;
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::engine::{ContextOptions, Engine, EngineError, GpuLayers, LoadOptions, Model, Session};
+pub use lora::LoraArg;
 pub use source::{Bits, ModelSpec};
 
 /// Errors of running a model. Each names the file or value involved.
@@ -81,7 +83,8 @@ pub struct Runtime {
 
 impl Runtime {
     /// Resolves the model (quantizing a checkpoint once if needed, with `progress` called as it
-    /// goes) and initialises llama.cpp.
+    /// goes) and its LoRA adapters (converting PEFT adapters once if needed; they are loaded
+    /// with the model and applied to its contexts), and initialises llama.cpp.
     ///
     /// # Errors
     /// Resolution or initialisation failures.
@@ -92,12 +95,15 @@ impl Runtime {
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Self, InferError> {
         let started = Instant::now();
-        let summary = source::resolve(spec, progress, cancel)?;
+        let summary = source::resolve(spec, progress, cancel.clone())?;
+        let mut opts = opts.clone();
+        opts.adapters
+            .extend(source::resolve_adapters(spec, &summary.path, cancel)?);
         let engine = Engine::init()?;
         Ok(Self {
             engine,
             gguf: summary.path,
-            opts: opts.clone(),
+            opts,
             started,
         })
     }
@@ -124,15 +130,31 @@ impl Runtime {
     /// # Errors
     /// llama.cpp load failures.
     pub fn load(&self) -> Result<(Model<'_>, Duration), InferError> {
-        self.load_other(&self.gguf)
+        for (path, scale) in &self.opts.adapters {
+            tracing::info!("LoRA adapter {} at scale {scale}", path.display());
+        }
+        self.load_with(&self.gguf, &self.opts)
     }
 
-    /// Loads another validated GGUF with the same options.
+    /// Loads another validated GGUF (such as a reference model) with the same options, without
+    /// the LoRA adapters.
     ///
     /// # Errors
     /// llama.cpp load failures.
     pub fn load_other(&self, gguf: &std::path::Path) -> Result<(Model<'_>, Duration), InferError> {
-        let model = self.engine.load(gguf, &self.opts)?;
+        let opts = LoadOptions {
+            adapters: Vec::new(),
+            ..self.opts.clone()
+        };
+        self.load_with(gguf, &opts)
+    }
+
+    fn load_with(
+        &self,
+        gguf: &std::path::Path,
+        opts: &LoadOptions,
+    ) -> Result<(Model<'_>, Duration), InferError> {
+        let model = self.engine.load(gguf, opts)?;
         if self.engine.can_offload() {
             let p = model.placement();
             let n = model.n_layer() + 1;
@@ -186,7 +208,7 @@ impl Runtime {
         &self.engine
     }
 
-    /// The load options.
+    /// The load options (with the resolved LoRA adapters).
     #[must_use]
     pub fn options(&self) -> &LoadOptions {
         &self.opts
