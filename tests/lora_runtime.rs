@@ -309,6 +309,28 @@ fn a_checkpoint_directory_merges_peft_adapters_into_its_cached_quantization() {
         .unwrap();
 
     assert!(!base8.to_string_lossy().contains("lora"));
+
+    // A GGUF adapter on a checkpoint directory is applied at run time on its cached base: at
+    // scale 0 that is the base's continuation, and no other quantization is made.
+    let file = tmp.path().join("a.gguf");
+    export(&adapter_dir, base8, &file);
+    let zero = generate(
+        tmp.path(),
+        &ck,
+        &[format!("{}:0", file.display())],
+        &bits,
+        &r.prompt,
+    );
+    assert_eq!(ids(&zero, "GGUF adapter at 0").1, ids(&plain, "base").1);
+    let one = generate(
+        tmp.path(),
+        &ck,
+        &[file.display().to_string()],
+        &bits,
+        &r.prompt,
+    );
+    assert_ne!(ids(&one, "GGUF adapter").1, ids(&plain, "base").1);
+    assert_eq!(ggufs(), files);
 }
 
 #[test]

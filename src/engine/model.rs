@@ -629,12 +629,6 @@ impl<'e> Model<'e> {
         self.adapters.iter().map(|(a, s)| (a.as_ptr(), *s))
     }
 
-    /// How many adapters were loaded with the model ([`LoadOptions::adapters`]).
-    #[must_use]
-    pub fn n_adapters(&self) -> usize {
-        self.adapters.len()
-    }
-
     /// Creates a context (KV cache, compute buffers) for this model.
     ///
     /// # Errors

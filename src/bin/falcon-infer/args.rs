@@ -19,8 +19,8 @@ pub struct ModelArgs {
     pub bits: String,
     /// A LoRA adapter, with its scale (default 1); repeatable. A GGUF LoRA adapter
     /// (falcon-quantize lora) is applied at run time. A PEFT adapter directory is converted
-    /// once for a GGUF model and cached beside it; on a checkpoint directory it is merged into
-    /// the one-time quantization instead.
+    /// once for a GGUF model and cached beside the adapter; on a checkpoint directory it is
+    /// merged into the one-time quantization instead.
     #[arg(long = "lora", value_name = "PATH[:SCALE]", value_parser = LoraArg::parse)]
     pub lora: Vec<LoraArg>,
     /// Print llama.cpp's own log on stderr.
