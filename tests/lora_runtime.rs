@@ -163,6 +163,32 @@ fn peft_directories_and_gguf_adapters_give_peft_greedy_on_the_f32_base() {
 }
 
 #[test]
+fn a_conversion_removes_partial_files_left_by_a_killed_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "lora-tiny-7b-all";
+    let r = reference(name);
+    let dir = tmp.path().join(name);
+    copy_dir(&fixture(name), &dir);
+    // What a conversion killed outright leaves: a partial file that nobody holds.
+    let stale = dir.join(format!(
+        ".falcon-lora-x.gguf.1234{}",
+        convert::partial::SUFFIX
+    ));
+    std::fs::write(&stale, b"GGUF half").unwrap();
+    let base = gguf(&base_of(name), "f32");
+    let o = generate(
+        tmp.path(),
+        &base,
+        &[dir.display().to_string()],
+        &[],
+        &r.prompt,
+    );
+    assert_eq!(ids(&o, name).1, r.greedy_ids);
+    assert!(!stale.exists(), "the stale partial file is removed");
+    assert_eq!(cached_adapters(&dir).len(), 1);
+}
+
+#[test]
 fn the_scale_reaches_the_adapter() {
     // At scale 0 the adapter adds nothing: the base's own reference continuation.
     let tmp = tempfile::tempdir().unwrap();
