@@ -1,6 +1,7 @@
 //! Running Falcon models through llama.cpp (see [`crate::engine`]): where the GGUF comes from
-//! ([`source`]) and its LoRA adapters ([`lora`]), the generation loop with stop strings ([`generate`]), chat prompts ([`chat`]),
-//! perplexity ([`perplexity`]), memory plans ([`plan`]) and speed ([`bench`]).
+//! ([`source`]) and its LoRA adapters ([`lora`]), the generation loop with stop strings
+//! ([`generate`]), chat prompts ([`chat`]), perplexity ([`perplexity`]), memory plans ([`plan`])
+//! and speed ([`bench`](mod@bench)).
 //!
 //! Nothing here prints: results are returned, progress goes to callbacks, and notices (a cached
 //! model reused, a GPU option that cannot apply) are `tracing` events that the binaries show.
