@@ -127,6 +127,12 @@ fn peft_directories_and_gguf_adapters_give_peft_greedy_on_the_f32_base() {
         );
         let cached = cached_adapters(&dir);
         assert_eq!(cached.len(), 1, "{name}: one converted copy: {cached:?}");
+        let doc: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+        assert_eq!(
+            doc["adapters"],
+            serde_json::json!([{"path": cached[0].display().to_string(), "scale": 1.0}]),
+            "{name}: the JSON names the adapter applied"
+        );
         let stamp = std::fs::metadata(&cached[0]).unwrap().modified().unwrap();
 
         // The second run reuses the converted copy.
