@@ -1,17 +1,18 @@
-//! An output file that appears at its destination only when complete: written to a temporary
-//! file in the destination directory (deleted if dropped), flushed, given the usual
+//! An output file that appears at its destination only when complete: written to a
+//! [`PartialFile`] in the destination directory (deleted if dropped, by a second Ctrl-C's
+//! [`crate::partial::remove_all`], or by the next run after a kill), flushed, given the usual
 //! permissions and renamed into place.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::error::ConvertError;
+use crate::partial::PartialFile;
 
 #[derive(Debug)]
 pub(crate) struct Output {
     out: PathBuf,
-    parent: PathBuf,
-    tmp: tempfile::NamedTempFile,
+    tmp: PartialFile,
 }
 
 impl Output {
@@ -40,18 +41,9 @@ impl Output {
                 });
             }
         }
-        let file_name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "out.gguf".into());
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{file_name}."))
-            .suffix(".partial")
-            .tempfile_in(&parent)
-            .map_err(|e| ConvertError::write(out, e))?;
+        let tmp = PartialFile::create(out).map_err(|e| ConvertError::write(out, e))?;
         Ok(Output {
             out: out.to_path_buf(),
-            parent,
             tmp,
         })
     }
@@ -59,27 +51,14 @@ impl Output {
     /// A handle on the temporary file to write through.
     pub(crate) fn file(&self) -> Result<File, ConvertError> {
         self.tmp
-            .as_file()
+            .file()
             .try_clone()
             .map_err(|e| ConvertError::write(&self.out, e))
     }
 
-    /// Flushes the file to disk and renames it into place.
+    /// Flushes the file to disk and renames it into place (durably).
     pub(crate) fn commit(self) -> Result<(), ConvertError> {
-        let out = &self.out;
-        self.tmp
-            .as_file()
-            .sync_all()
-            .map_err(|e| ConvertError::write(out, e))?;
-        crate::sys::set_default_permissions(self.tmp.as_file())
-            .map_err(|e| ConvertError::write(out, e))?;
-        self.tmp
-            .persist(out)
-            .map_err(|e| ConvertError::write(out, e.error))?;
-        // Make the rename itself durable.
-        if let Ok(d) = File::open(&self.parent) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        let out = self.out;
+        self.tmp.persist().map_err(|e| ConvertError::write(&out, e))
     }
 }

@@ -124,7 +124,7 @@ impl<'m> Context<'m> {
         })?;
         // SAFETY: `raw` is a live context.
         let n_batch = unsafe { llama_cpp_sys_2::llama_n_batch(raw.as_ptr()) } as usize;
-        Ok(Context {
+        let mut ctx = Context {
             raw,
             n_ctx: n_ctx as usize,
             n_batch,
@@ -132,7 +132,12 @@ impl<'m> Context<'m> {
             n_vocab: model.n_vocab(),
             interrupt: None,
             _model: PhantomData,
-        })
+        };
+        let (ptrs, scales): (Vec<_>, Vec<_>) = model.default_adapters().unzip();
+        if !ptrs.is_empty() {
+            ctx.set_raw_adapters(ptrs, scales)?;
+        }
+        Ok(ctx)
     }
 
     /// Context size of each sequence, in tokens (with a unified cache, the cells all sequences
@@ -266,17 +271,29 @@ impl<'m> Context<'m> {
             .sum()
     }
 
-    /// The LoRA adapters (with their scales) that the next decodes apply; empty = none.
+    /// The LoRA adapters (with their scales) that the next decodes apply; empty = none. This
+    /// replaces the model's own adapters ([`super::LoadOptions::adapters`]) for this context.
     ///
     /// # Errors
     /// If llama.cpp refuses them.
     pub fn set_adapters(&mut self, adapters: &[(&Adapter<'_>, f32)]) -> Result<(), EngineError> {
-        let mut ptrs: Vec<*mut llama_cpp_sys_2::llama_adapter_lora> =
-            adapters.iter().map(|(a, _)| a.raw()).collect();
-        let mut scales: Vec<f32> = adapters.iter().map(|(_, s)| *s).collect();
-        // SAFETY: both arrays hold `adapters.len()` entries; the adapters belong to this
-        // context's model and outlive the call (llama.cpp keeps pointers to them, and the
-        // caller keeps them loaded while the context uses them, since they borrow the model).
+        self.set_raw_adapters(
+            adapters.iter().map(|(a, _)| a.raw()).collect(),
+            adapters.iter().map(|(_, s)| *s).collect(),
+        )
+    }
+
+    /// Sets adapters of this context's model (`ptrs` and `scales` of the same length).
+    fn set_raw_adapters(
+        &mut self,
+        mut ptrs: Vec<*mut llama_cpp_sys_2::llama_adapter_lora>,
+        mut scales: Vec<f32>,
+    ) -> Result<(), EngineError> {
+        debug_assert_eq!(ptrs.len(), scales.len());
+        // SAFETY: both arrays hold `ptrs.len()` entries; the adapters belong to this context's
+        // model and outlive the call (llama.cpp keeps pointers to them: they are either the
+        // model's own, freed with it, or `Adapter`s that the caller keeps loaded while the
+        // context uses them, since they borrow the model).
         let code = unsafe {
             llama_cpp_sys_2::llama_set_adapters_lora(
                 self.raw.as_ptr(),

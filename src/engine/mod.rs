@@ -16,6 +16,11 @@
 //! Only files that passed the `convert` crate's GGUF validator should reach [`Engine::load`]:
 //! llama.cpp trusts the offsets and sizes in the file it maps.
 //!
+//! LoRA adapters come two ways: [`LoadOptions::adapters`] are loaded with the model, owned by
+//! it and applied to every context made from it (what the CLI's `--lora` uses); [`Model::lora`]
+//! loads one more, which a context applies with [`Context::set_adapters`] (replacing the
+//! model's own for that context), so that one model can serve several adapters.
+//!
 //! ```no_run
 //! use falcon::engine::{ContextOptions, Engine, LoadOptions, SamplingParams};
 //! let engine = Engine::init()?;

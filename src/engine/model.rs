@@ -2,7 +2,7 @@
 
 use std::ffi::{c_char, CString};
 use std::num::NonZeroU32;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
 use super::context::{Context, ContextOptions, Session};
@@ -53,6 +53,9 @@ pub struct LoadOptions {
     pub mlock: bool,
     /// The context that will be created (the fitting accounts for its memory).
     pub context: ContextOptions,
+    /// GGUF LoRA adapters, with their scales, loaded with the model and applied to every
+    /// context made from it (a context can change them with [`Context::set_adapters`]).
+    pub adapters: Vec<(PathBuf, f32)>,
 }
 
 impl Default for LoadOptions {
@@ -65,6 +68,7 @@ impl Default for LoadOptions {
             mmap: true,
             mlock: false,
             context: ContextOptions::default(),
+            adapters: Vec::new(),
         }
     }
 }
@@ -282,9 +286,13 @@ impl Engine {
             path: path.to_path_buf(),
             log: take_log(),
         })?;
-        let model = Model::new(self, raw, params.raw.n_gpu_layers, free_before, fitted_ctx);
-        let mut model = model;
+        let mut model = Model::new(self, raw, params.raw.n_gpu_layers, free_before, fitted_ctx);
         model.placement = placement;
+        for (path, scale) in &opts.adapters {
+            // On failure the model drops, freeing the adapters loaded so far and itself.
+            let raw = model.lora_raw(path)?;
+            model.adapters.push((raw, *scale));
+        }
         Ok(model)
     }
 
@@ -328,6 +336,8 @@ pub struct Model<'e> {
     free_before: Vec<(String, u64)>,
     fitted_ctx: Option<u32>,
     placement: Placement,
+    /// The adapters of [`LoadOptions::adapters`], owned by the model and freed before it.
+    adapters: Vec<(NonNull<llama_cpp_sys_2::llama_adapter_lora>, f32)>,
 }
 
 // SAFETY: llama.cpp does not mutate a model after loading it; contexts and adapters created from
@@ -338,6 +348,11 @@ unsafe impl Sync for Model<'_> {}
 
 impl Drop for Model<'_> {
     fn drop(&mut self) {
+        for (raw, _) in self.adapters.drain(..) {
+            // SAFETY: the model's own adapters, loaded for it and freed once, before it; the
+            // contexts that use them borrow the model, so none is alive any more.
+            unsafe { llama_cpp_sys_2::llama_adapter_lora_free(raw.as_ptr()) }
+        }
         // SAFETY: the model was loaded by llama_model_load_from_file and is freed once; contexts
         // and adapters borrow it, so none outlives it.
         unsafe { llama_cpp_sys_2::llama_model_free(self.raw.as_ptr()) }
@@ -378,6 +393,7 @@ impl<'e> Model<'e> {
                 split: Vec::new(),
                 gpu_layers: Some(0),
             },
+            adapters: Vec::new(),
         }
     }
 
@@ -596,6 +612,17 @@ impl<'e> Model<'e> {
     /// # Errors
     /// If llama.cpp refuses the file (another architecture, shapes that do not match).
     pub fn lora(&self, path: &Path) -> Result<Adapter<'_>, EngineError> {
+        Ok(Adapter {
+            raw: self.lora_raw(path)?,
+            path: path.to_path_buf(),
+            _model: std::marker::PhantomData,
+        })
+    }
+
+    fn lora_raw(
+        &self,
+        path: &Path,
+    ) -> Result<NonNull<llama_cpp_sys_2::llama_adapter_lora>, EngineError> {
         let cpath = c_path(path)?;
         take_log();
         // SAFETY: the model is loaded and the path NUL-terminated. llama.cpp reads the model's
@@ -603,15 +630,18 @@ impl<'e> Model<'e> {
         // takes a mutable pointer, and frees it with the model unless freed before.
         let raw =
             unsafe { llama_cpp_sys_2::llama_adapter_lora_init(self.raw.as_ptr(), cpath.as_ptr()) };
-        let raw = NonNull::new(raw).ok_or_else(|| EngineError::Adapter {
+        NonNull::new(raw).ok_or_else(|| EngineError::Adapter {
             path: path.to_path_buf(),
             log: take_log(),
-        })?;
-        Ok(Adapter {
-            raw,
-            path: path.to_path_buf(),
-            _model: std::marker::PhantomData,
         })
+    }
+
+    /// The adapters loaded with the model ([`LoadOptions::adapters`]) that every new context
+    /// applies, with their scales.
+    pub(crate) fn default_adapters(
+        &self,
+    ) -> impl Iterator<Item = (*mut llama_cpp_sys_2::llama_adapter_lora, f32)> + '_ {
+        self.adapters.iter().map(|(a, s)| (a.as_ptr(), *s))
     }
 
     /// Creates a context (KV cache, compute buffers) for this model.

@@ -1,7 +1,7 @@
 //! Running Falcon models through llama.cpp (see [`crate::engine`]): where the GGUF comes from
-//! ([`source`]), the generation loop with stop strings ([`generate`]), chat prompts ([`chat`]),
-//! perplexity ([`perplexity`]), the leaderboard's multiple-choice tasks ([`eval`]), memory plans
-//! ([`plan`]) and speed ([`bench`]).
+//! ([`source`]) and its LoRA adapters ([`lora`]), the generation loop with stop strings
+//! ([`generate`]), chat prompts ([`chat`]), perplexity ([`perplexity`]), the leaderboard's
+//! multiple-choice tasks ([`eval`]), memory plans ([`plan`]) and speed ([`bench`](mod@bench)).
 //!
 //! Nothing here prints: results are returned, progress goes to callbacks, and notices (a cached
 //! model reused, a GPU option that cannot apply) are `tracing` events that the binaries show.
@@ -10,6 +10,7 @@ pub mod bench;
 pub mod chat;
 pub mod eval;
 pub mod generate;
+pub mod lora;
 pub mod perplexity;
 pub mod plan;
 pub mod source;
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::engine::{ContextOptions, Engine, EngineError, GpuLayers, LoadOptions, Model, Session};
+pub use lora::LoraArg;
 pub use source::{Bits, ModelSpec};
 
 /// Errors of running a model. Each names the file or value involved.
@@ -89,7 +91,8 @@ pub struct Runtime {
 
 impl Runtime {
     /// Resolves the model (quantizing a checkpoint once if needed, with `progress` called as it
-    /// goes) and initialises llama.cpp.
+    /// goes) and its LoRA adapters (converting PEFT adapters once if needed; they are loaded
+    /// with the model and applied to its contexts), and initialises llama.cpp.
     ///
     /// # Errors
     /// Resolution or initialisation failures.
@@ -100,12 +103,15 @@ impl Runtime {
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Self, InferError> {
         let started = Instant::now();
-        let summary = source::resolve(spec, progress, cancel)?;
+        let summary = source::resolve(spec, progress, cancel.clone())?;
+        let mut opts = opts.clone();
+        opts.adapters
+            .extend(source::resolve_adapters(spec, &summary.path, cancel)?);
         let engine = Engine::init()?;
         Ok(Self {
             engine,
             gguf: summary.path,
-            opts: opts.clone(),
+            opts,
             started,
         })
     }
@@ -132,15 +138,31 @@ impl Runtime {
     /// # Errors
     /// llama.cpp load failures.
     pub fn load(&self) -> Result<(Model<'_>, Duration), InferError> {
-        self.load_other(&self.gguf)
+        for (path, scale) in &self.opts.adapters {
+            tracing::info!("LoRA adapter {} at scale {scale}", path.display());
+        }
+        self.load_with(&self.gguf, &self.opts)
     }
 
-    /// Loads another validated GGUF with the same options.
+    /// Loads another validated GGUF (such as a reference model) with the same options, without
+    /// the LoRA adapters.
     ///
     /// # Errors
     /// llama.cpp load failures.
     pub fn load_other(&self, gguf: &std::path::Path) -> Result<(Model<'_>, Duration), InferError> {
-        let model = self.engine.load(gguf, &self.opts)?;
+        let opts = LoadOptions {
+            adapters: Vec::new(),
+            ..self.opts.clone()
+        };
+        self.load_with(gguf, &opts)
+    }
+
+    fn load_with(
+        &self,
+        gguf: &std::path::Path,
+        opts: &LoadOptions,
+    ) -> Result<(Model<'_>, Duration), InferError> {
+        let model = self.engine.load(gguf, opts)?;
         if self.engine.can_offload() {
             let p = model.placement();
             let n = model.n_layer() + 1;
@@ -194,7 +216,7 @@ impl Runtime {
         &self.engine
     }
 
-    /// The load options.
+    /// The load options (with the resolved LoRA adapters).
     #[must_use]
     pub fn options(&self) -> &LoadOptions {
         &self.opts

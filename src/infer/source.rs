@@ -1,11 +1,16 @@
 //! Where the GGUF comes from: a file (validated), or a Hugging Face checkpoint directory
-//! quantized once into a cache file that is reused while the checkpoint is unchanged.
+//! quantized once into a cache file that is reused while the checkpoint is unchanged (and, with
+//! PEFT adapters given with `--lora`, while they are unchanged too: they are merged in that
+//! one pass). Adapters applied at run time are resolved by [`super::lora`].
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
+
+pub use super::lora::LoraArg;
+use super::lora::{adapter_stamp, resolve_adapter};
 
 /// Weight bits for a checkpoint directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +49,31 @@ pub struct ModelSpec {
     pub path: PathBuf,
     /// Bits when `path` is a checkpoint directory.
     pub bits: Bits,
+    /// LoRA adapters (`--lora`). PEFT adapter directories on a checkpoint directory are merged
+    /// into its quantization ([`resolve`]); the others are applied at run time
+    /// ([`resolve_adapters`]).
+    pub loras: Vec<LoraArg>,
+}
+
+impl ModelSpec {
+    /// A model without adapters.
+    #[must_use]
+    pub fn new(path: PathBuf, bits: Bits) -> Self {
+        ModelSpec {
+            path,
+            bits,
+            loras: Vec::new(),
+        }
+    }
+
+    /// The adapters merged into the quantization: PEFT directories, when `path` is a
+    /// checkpoint directory.
+    fn merged(&self) -> Vec<&LoraArg> {
+        if !self.path.is_dir() {
+            return Vec::new();
+        }
+        self.loras.iter().filter(|l| l.path.is_dir()).collect()
+    }
 }
 
 /// Why a model could not be resolved to a GGUF file.
@@ -88,6 +118,49 @@ pub enum SourceError {
     /// The checkpoint directory is read-only and there is no user cache directory.
     #[error("{} is read-only and there is no user cache directory to keep its quantized copy in; convert it with falcon-quantize -o FILE.gguf and pass the file", .0.display())]
     NoCacheDir(PathBuf),
+    /// A `--lora` path that does not exist.
+    #[error("LoRA adapter not found: {} (give a GGUF LoRA adapter file or a PEFT adapter directory)", .0.display())]
+    AdapterNotFound(PathBuf),
+    /// A `--lora` file that is not a valid GGUF.
+    #[error("{} is not a valid GGUF file; give a GGUF LoRA adapter (falcon-quantize lora ADAPTER_DIR --base MODEL -o FILE.gguf) or a PEFT adapter directory", path.display())]
+    InvalidAdapter {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: convert::gguf::GgufError,
+    },
+    /// A `--lora` GGUF that is not a Falcon LoRA adapter.
+    #[error("{} is {what}, not a Falcon LoRA adapter; --lora takes a GGUF LoRA adapter (falcon-quantize lora ADAPTER_DIR --base MODEL -o FILE.gguf) or a PEFT adapter directory, and a model goes to --model", path.display())]
+    NotAnAdapter {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        what: String,
+    },
+    /// A GGUF LoRA adapter whose tensors do not fit the base.
+    #[error("{}: tensor {tensor} {why}: the adapter was made for another base model than {}; use it with its own base, or convert the PEFT adapter again for this one", path.display(), base.display())]
+    AdapterMismatch {
+        /// The adapter.
+        path: PathBuf,
+        /// The base GGUF.
+        base: PathBuf,
+        /// The first tensor that does not fit.
+        tensor: String,
+        /// How.
+        why: String,
+    },
+    /// Converting a PEFT adapter for the base failed.
+    #[error("converting the PEFT adapter {} for {}", path.display(), base.display())]
+    ConvertAdapter {
+        /// The adapter directory.
+        path: PathBuf,
+        /// The base GGUF.
+        base: PathBuf,
+        /// The error (boxed: conversion errors carry much detail).
+        #[source]
+        source: Box<convert::ConvertError>,
+    },
     /// Quantizing the checkpoint failed.
     #[error("quantizing checkpoint {}", path.display())]
     Convert {
@@ -149,19 +222,43 @@ pub fn resolve(
 ) -> Result<GgufSummary, SourceError> {
     let path = &spec.path;
     let meta = fs::metadata(path).map_err(|_| SourceError::NotFound(path.clone()))?;
+    for l in &spec.loras {
+        if !l.path.exists() {
+            return Err(SourceError::AdapterNotFound(l.path.clone()));
+        }
+    }
     if meta.is_file() {
         return validate_gguf(path);
     }
     check_checkpoint(path)?;
+    let merged = spec.merged();
     let key = cache_key(path, spec.bits)?;
-    let file_name = format!("falcon-{}bit-{key:016x}.gguf", spec.bits.get());
+    let (file_name, stale_prefix, with) = if merged.is_empty() {
+        (
+            format!("falcon-{}bit-{key:016x}.gguf", spec.bits.get()),
+            format!("falcon-{}bit-", spec.bits.get()),
+            String::new(),
+        )
+    } else {
+        let (which, key) = merged_key(key, &merged)?;
+        let prefix = format!("falcon-{}bit-lora-{which:08x}-", spec.bits.get());
+        let names: Vec<String> = merged
+            .iter()
+            .map(|l| format!("{} (scale {})", l.path.display(), l.scale))
+            .collect();
+        (
+            format!("{prefix}{key:016x}.gguf"),
+            prefix,
+            format!(" with the LoRA adapters {}", names.join(", ")),
+        )
+    };
     let dir = cache_dir_for(path)?;
     let cached = dir.join(&file_name);
     if cached.is_file() {
         match validate_gguf(&cached) {
             Ok(summary) => {
                 tracing::info!(
-                    "using cached {}-bit model {}",
+                    "using cached {}-bit model {}{with}",
                     spec.bits.get(),
                     cached.display()
                 );
@@ -171,16 +268,23 @@ pub fn resolve(
         }
     }
     tracing::info!(
-        "quantizing {} to {} bits once; the result is cached at {}",
+        "quantizing {} to {} bits once{with}; the result is cached at {}",
         path.display(),
         spec.bits.get(),
         cached.display()
     );
-    remove_stale(&dir, spec.bits, &file_name);
+    remove_stale(&dir, &stale_prefix, &file_name);
     let opts = convert::Options {
         target: convert::Target::Bits(spec.bits.get()),
         progress,
         cancel,
+        loras: merged
+            .iter()
+            .map(|l| convert::adapter::LoraSpec {
+                dir: l.path.clone(),
+                scale: l.scale,
+            })
+            .collect(),
         ..Default::default()
     };
     convert::quantize_checkpoint(path, &cached, &opts).map_err(|source| SourceError::Convert {
@@ -188,6 +292,62 @@ pub fn resolve(
         source: Box::new(source),
     })?;
     validate_gguf(&cached)
+}
+
+/// The adapters of `spec` applied at run time, each resolved to a GGUF LoRA adapter for the
+/// model's GGUF `base` (see [`super::lora::resolve_adapter`]), with its scale: all of them on a
+/// GGUF model, the GGUF adapters on a checkpoint directory (its PEFT adapters are merged).
+///
+/// # Errors
+/// As [`super::lora::resolve_adapter`].
+pub fn resolve_adapters(
+    spec: &ModelSpec,
+    base: &Path,
+    cancel: Option<Arc<AtomicBool>>,
+) -> Result<Vec<(PathBuf, f32)>, SourceError> {
+    let merged = spec.merged();
+    spec.loras
+        .iter()
+        .filter(|l| !merged.contains(l))
+        .map(|l| Ok((resolve_adapter(&l.path, base, cancel.clone())?, l.scale)))
+        .collect()
+}
+
+/// Keys of a checkpoint's quantization with PEFT adapters merged: one of which adapters at
+/// which scales (their canonical paths), and one of everything the conversion reads (the
+/// checkpoint's `key`, each adapter's name, scale and files).
+fn merged_key(key: u64, merged: &[&LoraArg]) -> Result<(u32, u64), SourceError> {
+    let mut which = Fnv::new();
+    let mut h = Fnv::new();
+    h.write(&key.to_le_bytes());
+    for l in merged {
+        let canonical = l.path.canonicalize().map_err(io_err(&l.path))?;
+        which.write(canonical.as_os_str().as_encoded_bytes());
+        which.write(&l.scale.to_le_bytes());
+        h.write(
+            canonical
+                .file_name()
+                .map(|n| n.as_encoded_bytes())
+                .unwrap_or_default(),
+        );
+        h.write(&l.scale.to_le_bytes());
+        adapter_stamp(&mut h, &l.path)?;
+    }
+    h.write(&which.0.to_le_bytes());
+    Ok((which.0 as u32, h.0))
+}
+
+/// Size and modification time of a file, as bytes for a cache key.
+pub(super) fn file_stamp(path: &Path) -> Result<Vec<u8>, SourceError> {
+    let m = fs::metadata(path).map_err(io_err(path))?;
+    let mtime = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let mut v = m.len().to_le_bytes().to_vec();
+    v.extend_from_slice(&mtime.to_le_bytes());
+    Ok(v)
 }
 
 /// A directory is taken for a Falcon checkpoint when its `config.json` names a Falcon model
@@ -223,7 +383,7 @@ fn check_checkpoint(dir: &Path) -> Result<(), SourceError> {
     Ok(())
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
+pub(super) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
     move |source| SourceError::Io {
         path: path.to_path_buf(),
         source,
@@ -254,14 +414,14 @@ const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 /// A hash of a sequence of byte strings: FNV-1a with a separator after each, so that
 /// ("ab", "c") and ("a", "bc") differ.
 #[derive(Debug)]
-struct Fnv(u64);
+pub(super) struct Fnv(pub(super) u64);
 
 impl Fnv {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Fnv(FNV_OFFSET)
     }
 
-    fn write(&mut self, bytes: &[u8]) {
+    pub(super) fn write(&mut self, bytes: &[u8]) {
         self.0 = (fnv1a(self.0, bytes) ^ 0xff).wrapping_mul(0x0100_0000_01b3);
     }
 }
@@ -289,19 +449,12 @@ fn cache_key(dir: &Path, bits: Bits) -> Result<u64, SourceError> {
         }
     }
     for f in safetensors_files(dir)? {
-        let m = fs::metadata(&f).map_err(io_err(&f))?;
-        let mtime = m
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
         h.write(
             f.file_name()
                 .map(|n| n.as_encoded_bytes())
                 .unwrap_or_default(),
         );
-        h.write(&m.len().to_le_bytes());
-        h.write(&mtime.to_le_bytes());
+        h.write(&file_stamp(&f)?);
     }
     h.write(&bits.get().to_le_bytes());
     h.write(env!("CARGO_PKG_VERSION").as_bytes());
@@ -309,7 +462,7 @@ fn cache_key(dir: &Path, bits: Bits) -> Result<u64, SourceError> {
 }
 
 /// The checkpoint directory itself when it is writable, else `<user cache>/falcon/<name>/`.
-fn cache_dir_for(dir: &Path) -> Result<PathBuf, SourceError> {
+pub(super) fn cache_dir_for(dir: &Path) -> Result<PathBuf, SourceError> {
     if tempfile_probe(dir) {
         return Ok(dir.to_path_buf());
     }
@@ -334,16 +487,16 @@ fn tempfile_probe(dir: &Path) -> bool {
     ok
 }
 
-/// Removes earlier cache files of the same bits (for an older version of the checkpoint).
-fn remove_stale(dir: &Path, bits: Bits, keep: &str) {
-    let prefix = format!("falcon-{}bit-", bits.get());
+/// Removes earlier cache files named `prefix` + 16 hex digits (for an older version of the
+/// checkpoint, or of its adapters).
+fn remove_stale(dir: &Path, prefix: &str, keep: &str) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     for e in entries.filter_map(Result::ok) {
         let name = e.file_name().to_string_lossy().into_owned();
         let hex = name
-            .strip_prefix(&prefix)
+            .strip_prefix(prefix)
             .and_then(|r| r.strip_suffix(".gguf"));
         if name != keep
             && hex.is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -391,6 +544,43 @@ mod tests {
             fs::write(dir.path().join(name), "{}").unwrap();
             assert_eq!(base, cache_key(dir.path(), Bits::Four).unwrap());
         }
+    }
+
+    #[test]
+    fn merged_adapters_their_scales_and_files_change_the_cache_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ad = |name: &str| {
+            let p = dir.path().join(name);
+            fs::create_dir_all(&p).unwrap();
+            fs::write(p.join(convert::adapter::CONFIG_FILE), "{}").unwrap();
+            fs::write(p.join(convert::adapter::WEIGHTS_FILE), "w").unwrap();
+            p
+        };
+        let arg = |path: &PathBuf, scale: f32| LoraArg {
+            path: path.clone(),
+            scale,
+        };
+        let (a, b) = (ad("a"), ad("b"));
+        let one = merged_key(7, &[&arg(&a, 1.0)]).unwrap();
+        assert_eq!(one, merged_key(7, &[&arg(&a, 1.0)]).unwrap());
+        assert_ne!(
+            one.1,
+            merged_key(8, &[&arg(&a, 1.0)]).unwrap().1,
+            "the checkpoint"
+        );
+        for other in [
+            merged_key(7, &[&arg(&a, 0.5)]).unwrap(),
+            merged_key(7, &[&arg(&b, 1.0)]).unwrap(),
+            merged_key(7, &[&arg(&a, 1.0), &arg(&b, 1.0)]).unwrap(),
+        ] {
+            assert_ne!(one.0, other.0, "which adapters");
+            assert_ne!(one.1, other.1);
+        }
+        // A changed adapter keeps its place (the stale file is replaced) under a new key.
+        fs::write(a.join(convert::adapter::CONFIG_FILE), "{ }").unwrap();
+        let changed = merged_key(7, &[&arg(&a, 1.0)]).unwrap();
+        assert_eq!(one.0, changed.0);
+        assert_ne!(one.1, changed.1);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use falcon::engine::{ContextOptions, GpuLayers, LoadOptions, SamplingParams, SplitMode};
-use falcon::infer::{Bits, ModelSpec};
+use falcon::infer::{Bits, LoraArg, ModelSpec};
 
 use crate::Usage;
 
@@ -17,6 +17,12 @@ pub struct ModelArgs {
     /// Bits per weight when MODEL is a checkpoint directory: 4 or 8.
     #[arg(long, default_value = "4", value_parser = ["4", "8"])]
     pub bits: String,
+    /// A LoRA adapter, with its scale (default 1); repeatable. A GGUF LoRA adapter
+    /// (falcon-quantize lora) is applied at run time. A PEFT adapter directory is converted
+    /// once for a GGUF model and cached beside the adapter; on a checkpoint directory it is
+    /// merged into the one-time quantization instead.
+    #[arg(long = "lora", value_name = "PATH[:SCALE]", value_parser = LoraArg::parse)]
+    pub lora: Vec<LoraArg>,
     /// Print llama.cpp's own log on stderr.
     #[arg(short, long)]
     pub verbose: bool,
@@ -36,6 +42,7 @@ impl ModelArgs {
         Ok(ModelSpec {
             path,
             bits: self.bits(),
+            loras: self.lora.clone(),
         })
     }
 }
@@ -125,6 +132,7 @@ impl DeviceArgs {
                 threads: self.threads,
                 ..ContextOptions::default()
             },
+            adapters: Vec::new(),
         })
     }
 }

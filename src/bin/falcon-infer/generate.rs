@@ -31,8 +31,8 @@ pub struct GenerateArgs {
     /// Completions to generate, with seeds SEED, SEED+1, ...
     #[arg(long, default_value_t = 1)]
     pub num_return_sequences: usize,
-    /// Print one JSON document (prompt, completions with text, token ids and finish reason,
-    /// timings, the devices used) instead of streaming text.
+    /// Print one JSON document (model, LoRA adapters, prompt, completions with text, token ids
+    /// and finish reason, timings, the devices used) instead of streaming text.
     #[arg(long)]
     pub json: bool,
 }
@@ -73,9 +73,18 @@ impl JsonDevices {
     }
 }
 
+/// A LoRA adapter applied at run time.
+#[derive(Debug, Serialize)]
+struct JsonAdapter {
+    /// The GGUF adapter (for a PEFT directory, its converted copy).
+    path: String,
+    scale: f32,
+}
+
 #[derive(Debug, Serialize)]
 struct JsonOutput<'a> {
     model: String,
+    adapters: Vec<JsonAdapter>,
     prompt: &'a str,
     prompt_ids: &'a [Token],
     seed: u32,
@@ -165,6 +174,15 @@ pub fn run(g: GenerateArgs) -> anyhow::Result<()> {
     if g.json {
         let doc = JsonOutput {
             model: rt.gguf.display().to_string(),
+            adapters: rt
+                .options()
+                .adapters
+                .iter()
+                .map(|(p, s)| JsonAdapter {
+                    path: p.display().to_string(),
+                    scale: *s,
+                })
+                .collect(),
             prompt: &prompt,
             prompt_ids: &prompt_ids,
             seed: sampling.seed,

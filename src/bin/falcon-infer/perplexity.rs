@@ -41,10 +41,7 @@ pub fn run(p: PerplexityArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|path| {
             resolve(
-                &ModelSpec {
-                    path: path.clone(),
-                    bits: p.model.bits(),
-                },
+                &ModelSpec::new(path.clone(), p.model.bits()),
                 crate::progress_bar(),
                 None,
             )
