@@ -529,3 +529,90 @@ fn the_official_python_clients_read_every_answer() {
     assert!(out.status.success(), "{report}\n{}", s.log());
     assert!(!report.contains("skipped"), "{report}");
 }
+
+/// Two PEFT adapters and the base behind one server: three concurrent greedy requests, one for
+/// each, get each its own reference continuation (the adapters' from peft, the base's from
+/// transformers); `/v1/models` lists all three.
+#[test]
+fn adapters_chosen_per_request_give_their_own_continuations() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The PEFT directories are converted once, beside the adapter: work on copies.
+    let mut args = Vec::new();
+    for name in ["lora-tiny-7b-all", "lora-tiny-7b-rslora"] {
+        let dst = tmp.path().join(name);
+        std::fs::create_dir(&dst).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(fixture(name).join(f), dst.join(f)).unwrap();
+        }
+        args.push(format!("{name}={}", dst.display()));
+    }
+    let s = Arc::new(Server::start(
+        &f32_model("tiny-7b-style"),
+        &["--lora", &args[0], "--lora", &args[1], "--parallel", "4"],
+    ));
+    let (st, models) = s.get("/v1/models", None);
+    assert_eq!(st, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "tiny-7b-style-f32",
+            "lora-tiny-7b-all",
+            "lora-tiny-7b-rslora"
+        ]
+    );
+
+    let cases = [
+        (None, "tiny-7b-style"),
+        (Some("lora-tiny-7b-all"), "lora-tiny-7b-all"),
+        (Some("lora-tiny-7b-rslora"), "lora-tiny-7b-rslora"),
+    ];
+    let threads: Vec<_> = cases
+        .iter()
+        .map(|&(adapter, fixture_name)| {
+            let s = s.clone();
+            let r = reference(fixture_name);
+            std::thread::spawn(move || {
+                let mut params = json!({"max_new_tokens": r.greedy_ids.len(), "details": true});
+                if let Some(a) = adapter {
+                    params["adapter_id"] = json!(a);
+                }
+                let (st, v) = s.post(
+                    "/generate",
+                    &json!({"inputs": r.prompt, "parameters": params}),
+                );
+                assert_eq!(st, 200, "{v}");
+                let ids: Vec<i32> = v["details"]["tokens"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t["id"].as_i64().unwrap() as i32)
+                    .collect();
+                (fixture_name, ids, r.greedy_ids)
+            })
+        })
+        .collect();
+    for t in threads {
+        let (name, got, want) = t.join().unwrap();
+        assert_eq!(got, want, "{name}");
+    }
+    // OpenAI's `model` picks the adapter too.
+    let r = reference("lora-tiny-7b-all");
+    let (st, v) = s.post(
+        "/v1/completions",
+        &json!({"model": "lora-tiny-7b-all", "prompt": r.prompt, "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["model"], "lora-tiny-7b-all");
+    let (st, v) = s.post(
+        "/v1/completions",
+        &json!({"model": "nope", "prompt": "hi", "max_tokens": 2}),
+    );
+    assert_eq!(st, 404, "{v}");
+}

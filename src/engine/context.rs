@@ -86,6 +86,8 @@ pub struct Context<'m> {
     n_seq_max: u32,
     n_vocab: usize,
     interrupt: Option<Arc<AtomicBool>>,
+    /// The model's own adapters ([`super::LoadOptions::adapters`]), with their scales.
+    defaults: Vec<(*mut llama_cpp_sys_2::llama_adapter_lora, f32)>,
     _model: PhantomData<&'m Model<'m>>,
 }
 
@@ -131,9 +133,11 @@ impl<'m> Context<'m> {
             n_seq_max: n_seq,
             n_vocab: model.n_vocab(),
             interrupt: None,
+            defaults: Vec::new(),
             _model: PhantomData,
         };
-        let (ptrs, scales): (Vec<_>, Vec<_>) = model.default_adapters().unzip();
+        ctx.defaults = model.default_adapters().collect();
+        let (ptrs, scales): (Vec<_>, Vec<_>) = ctx.defaults.iter().copied().unzip();
         if !ptrs.is_empty() {
             ctx.set_raw_adapters(ptrs, scales)?;
         }
@@ -281,6 +285,21 @@ impl<'m> Context<'m> {
             adapters.iter().map(|(a, _)| a.raw()).collect(),
             adapters.iter().map(|(_, s)| *s).collect(),
         )
+    }
+
+    /// The model's own adapters plus `adapters`, for the next decodes (a server that applies
+    /// one of several adapters per request, over the adapters every request gets).
+    ///
+    /// # Errors
+    /// If llama.cpp refuses them.
+    pub fn set_adapters_over_defaults(
+        &mut self,
+        adapters: &[(&Adapter<'_>, f32)],
+    ) -> Result<(), EngineError> {
+        let (mut ptrs, mut scales): (Vec<_>, Vec<_>) = self.defaults.iter().copied().unzip();
+        ptrs.extend(adapters.iter().map(|(a, _)| a.raw()));
+        scales.extend(adapters.iter().map(|(_, s)| *s));
+        self.set_raw_adapters(ptrs, scales)
     }
 
     /// Sets adapters of this context's model (`ptrs` and `scales` of the same length).

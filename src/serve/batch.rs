@@ -121,7 +121,8 @@ fn logprobs(logits: &[f32], token: Token, k: usize) -> (f32, Vec<(Token, f32)>) 
 
 /// Runs jobs until the queue is closed and empty and every running job has ended.
 ///
-/// `adapters` are the served adapters in [`AdapterId`] order. The context must hold `slots`
+/// `adapters` are the served adapters in [`AdapterId`] order, each applied over the model's own
+/// ([`crate::engine::LoadOptions::adapters`]), which every request gets. The context must hold `slots`
 /// sequences ([`Context::n_seq_max`]) in separate KV streams.
 pub fn run(
     model: &Model<'_>,
@@ -140,8 +141,9 @@ pub fn run(
     // A job taken from the queue that waits for enough free slots.
     let mut held: Option<Job> = None;
     let mut open = true;
-    // The adapter set the context applies now, and the step count (to alternate adapters).
-    let mut applied: Option<Option<AdapterId>> = None;
+    // The adapter set the context applies now (a new context applies the model's own, the
+    // base's set), and the step count (to alternate adapters).
+    let mut applied: Option<Option<AdapterId>> = Some(None);
     let mut step: usize = 0;
 
     loop {
@@ -249,7 +251,7 @@ pub fn run(
                 .and_then(|AdapterId(i)| adapters.get(i))
                 .map(|&(a, s)| vec![(a, s)])
                 .unwrap_or_default();
-            if let Err(e) = ctx.set_adapters(&set) {
+            if let Err(e) = ctx.set_adapters_over_defaults(&set) {
                 fail_group(ctx, &mut running, group, &e, &mut free);
                 applied = None;
                 continue;

@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use clap::Args;
 
-use falcon::engine::{Model, Token};
+use falcon::engine::{Adapter, Model, Token};
+use falcon::infer::lora::{resolve_adapter, LoraArg};
 use falcon::infer::{format_memory, human_bytes, memory_use, plan};
 use falcon::serve::batch::{self, LoopOptions};
 use falcon::serve::http::{self, AppState, HttpOptions};
@@ -29,6 +30,10 @@ use crate::Usage;
 /// prompts use the model's own chat template, else the Falcon family's format (see
 /// --chat-template). Listens on 127.0.0.1 unless --host says otherwise. Ctrl-C or SIGTERM stops
 /// taking requests, lets running ones finish for --shutdown-timeout seconds, and exits 0.
+///
+/// LoRA adapters: `--lora NAME=PATH[:SCALE]` serves an adapter that requests choose by name
+/// (OpenAI's `model`, TGI's `adapter_id`; the base model alone by default, and /v1/models lists
+/// them all); `--lora PATH[:SCALE]` without a name applies to every request.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
@@ -94,6 +99,35 @@ impl Tokenize for Vocab {
     }
 }
 
+/// Takes the `--lora NAME=PATH[:SCALE]` values out of `loras` (those that the server serves by
+/// name), leaving the unnamed ones, which apply to every request.
+fn take_named_adapters(loras: &mut Vec<LoraArg>) -> Result<Vec<(String, LoraArg)>, Usage> {
+    let mut named: Vec<(String, LoraArg)> = Vec::new();
+    let mut rest = Vec::new();
+    for l in loras.drain(..) {
+        let text = l.path.to_string_lossy().into_owned();
+        match text.split_once('=') {
+            Some((name, path)) if !l.path.exists() && !name.contains('/') => {
+                if name.is_empty() {
+                    return Err(Usage(format!("--lora {text}: the adapter's name is empty")));
+                }
+                if named.iter().any(|(n, _)| n == name) {
+                    return Err(Usage(format!("--lora: two adapters are named {name:?}")));
+                }
+                let arg = LoraArg::parse(path).map_err(|e| Usage(format!("--lora {text}: {e}")))?;
+                let arg = LoraArg {
+                    scale: arg.scale * l.scale,
+                    ..arg
+                };
+                named.push((name.to_string(), arg));
+            }
+            _ => rest.push(l),
+        }
+    }
+    *loras = rest;
+    Ok(named)
+}
+
 fn model_name(path: &std::path::Path) -> String {
     let name = path
         .file_name()
@@ -122,6 +156,8 @@ pub fn run(s: ServeArgs) -> anyhow::Result<()> {
     }
     let model_path: PathBuf = s.model.spec()?.path;
     load.context.n_seq_max = s.parallel;
+    let mut s = s;
+    let named = take_named_adapters(&mut s.model.lora)?;
 
     // The server lives until the process exits: its runtime and model are leaked, so that the
     // HTTP side and the batching loop can share them without lifetimes.
@@ -133,6 +169,13 @@ pub fn run(s: ServeArgs) -> anyhow::Result<()> {
     ctx_opts.n_seq_max = s.parallel;
     ctx_opts.kv_unified = false;
     let n_ctx = ctx_opts.n_ctx.unwrap_or(2048);
+    let mut served = Vec::new();
+    for (name, arg) in &named {
+        let path = resolve_adapter(&arg.path, &rt.gguf, None)?;
+        let adapter: &'static Adapter<'static> = Box::leak(Box::new(model.lora(&path)?));
+        tracing::info!("adapter {name}: {} (scale {})", path.display(), arg.scale);
+        served.push((adapter, arg.scale));
+    }
     check_kv_fits(rt, model, n_ctx, s.parallel)?;
     let mut ctx = model.context(&ctx_opts).with_context(|| {
         format!(
@@ -156,7 +199,7 @@ pub fn run(s: ServeArgs) -> anyhow::Result<()> {
         limits: Limits::new(n_ctx, s.parallel),
         model: ModelCard {
             id: id.clone(),
-            adapters: Vec::new(),
+            adapters: named.iter().map(|(n, _)| n.clone()).collect(),
             created,
         },
     };
@@ -176,6 +219,12 @@ pub fn run(s: ServeArgs) -> anyhow::Result<()> {
         },
     )?;
 
+    if named.iter().any(|(n, _)| *n == id) {
+        return Err(Usage(format!(
+            "an adapter is named {id:?} like the model; name it otherwise, or set --alias"
+        ))
+        .into());
+    }
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let loop_metrics = metrics.clone();
     std::thread::Builder::new()
@@ -184,7 +233,7 @@ pub fn run(s: ServeArgs) -> anyhow::Result<()> {
             batch::run(
                 model,
                 &mut ctx,
-                &[],
+                &served,
                 jobs,
                 &LoopOptions { n_batch },
                 &loop_metrics,
