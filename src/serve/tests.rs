@@ -918,11 +918,18 @@ async fn loopback_server_answers_a_generation() {
 
 /// The official Python clients (`tests/clients/test_clients.py`) against the HTTP layer, fed by
 /// the echo loop: every answer's shape as `openai` and `huggingface_hub` read it.
+///
+/// The Python is `$FALCON_TEST_PYTHON`, else the virtual environment that
+/// `scripts/setup-client-tests.sh` makes.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs Python with openai and huggingface_hub: FALCON_PYTHON=/path/to/python"]
 async fn python_clients_read_every_answer() {
-    let python = std::env::var("FALCON_PYTHON")
-        .expect("FALCON_PYTHON: a Python with openai and huggingface_hub");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = std::env::var_os("FALCON_TEST_PYTHON")
+        .map_or_else(|| root.join(".venv-clients/bin/python"), Into::into);
+    assert!(
+        python.exists(),
+        "no Python for the client tests: run scripts/setup-client-tests.sh, or set FALCON_TEST_PYTHON"
+    );
     let v = testing::validator(256, 4, &[]);
     let vocab = v.vocab.clone();
     let (st, jobs, _q) = testing::state(v, 8);
