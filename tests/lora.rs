@@ -10,25 +10,6 @@ use common::*;
 use convert::gguf::{GgufReader, Value};
 use lora_support::{rel_err, run};
 
-/// The adapter fixtures under `models/`.
-const ADAPTERS: &[&str] = &[
-    "lora-tiny-7b-all",
-    "lora-tiny-7b-rslora",
-    "lora-tiny-40b-all",
-    "lora-tiny-40b-patterns",
-];
-
-/// The base fixture an adapter was made on (its reference.json's "base").
-fn base_of(adapter: &str) -> String {
-    let path = fixture(adapter).join("reference.json");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    json["base"]
-        .as_str()
-        .expect("reference.json names its base")
-        .to_string()
-}
-
 /// `falcon-quantize lora ADAPTER --base BASE -o OUT --type TY`, into `dir`.
 fn export(dir: &Path, adapter: &str, base: &Path, ty: &str) -> PathBuf {
     let tag = base.extension().map_or("ckpt", |_| "gguf");

@@ -11,20 +11,6 @@ use convert::gguf::{GgufReader, Value};
 use lora_support::{rel_err, run};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-const ADAPTERS: &[&str] = &[
-    "lora-tiny-7b-all",
-    "lora-tiny-7b-rslora",
-    "lora-tiny-40b-all",
-    "lora-tiny-40b-patterns",
-];
-
-fn base_of(adapter: &str) -> String {
-    let path = fixture(adapter).join("reference.json");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    json["base"].as_str().unwrap().to_string()
-}
-
 /// `falcon-quantize BASE --lora L1 --lora L2 … -o OUT --type TY`.
 fn merge(base: &Path, loras: &[String], out: &Path, ty: &str) {
     let mut args = vec![

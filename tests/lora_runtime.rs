@@ -8,28 +8,9 @@ mod infer_support;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{fixture, gguf, quantize, reference};
+use common::{base_of, fixture, gguf, quantize, reference, ADAPTERS};
 use convert::gguf::GgufReader;
 use infer_support::{copy_dir, infer_env};
-
-/// The adapter fixtures under `models/`.
-const ADAPTERS: &[&str] = &[
-    "lora-tiny-7b-all",
-    "lora-tiny-7b-rslora",
-    "lora-tiny-40b-all",
-    "lora-tiny-40b-patterns",
-];
-
-/// The base fixture an adapter was made on (its reference.json's "base").
-fn base_of(adapter: &str) -> String {
-    let path = fixture(adapter).join("reference.json");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    json["base"]
-        .as_str()
-        .expect("reference.json names its base")
-        .to_string()
-}
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()

@@ -621,7 +621,14 @@ fn adapters_chosen_per_request_give_their_own_continuations() {
 fn a_kv_cache_that_cannot_fit_is_refused_at_start() {
     let o = Command::new(infer_bin())
         .args(["serve", "-m", f32_model("tiny-7b-style").to_str().unwrap()])
-        .args(["--port", "0", "--parallel", "256", "--ctx-size", "100000000"])
+        .args([
+            "--port",
+            "0",
+            "--parallel",
+            "256",
+            "--ctx-size",
+            "100000000",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);

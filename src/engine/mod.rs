@@ -268,6 +268,22 @@ pub struct Fatal {
     pub dead_workers: Vec<String>,
 }
 
+impl Fatal {
+    /// What happened, for a message: the workers that stopped answering, or ggml's reason.
+    #[must_use]
+    pub fn reason(&self) -> String {
+        if self.dead_workers.is_empty() {
+            format!("llama.cpp gave up: {}", self.message)
+        } else {
+            format!(
+                "RPC worker {} stopped answering ({})",
+                self.dead_workers.join(", "),
+                self.message
+            )
+        }
+    }
+}
+
 type FatalHandler = Box<dyn Fn(&Fatal) + Send + Sync>;
 static FATAL_HANDLER: OnceLock<FatalHandler> = OnceLock::new();
 

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use convert::adapter::{export_lora, ExportOptions, CONFIG_FILE, WEIGHTS_FILE};
 use convert::gguf::{keys, GgufReader};
 
-use super::source::{cache_dir_for, file_stamp, io_err, Fnv, SourceError};
+use super::source::{cache_dir_for, file_stamp, io_err, remove_stale, Fnv, SourceError};
 
 /// One `--lora PATH[:SCALE]`: an adapter (GGUF file or PEFT directory) and its scale.
 #[derive(Debug, Clone, PartialEq)]
@@ -257,24 +257,6 @@ pub(super) fn adapter_stamp(h: &mut Fnv, dir: &Path) -> Result<(), SourceError> 
         h.write(b"<absent>");
     }
     Ok(())
-}
-
-/// Removes earlier converted copies for the same base (of an older version of the adapter).
-fn remove_stale(dir: &Path, prefix: &str, keep: &str) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.filter_map(Result::ok) {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let hex = name
-            .strip_prefix(prefix)
-            .and_then(|r| r.strip_suffix(".gguf"));
-        if name != keep
-            && hex.is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        {
-            let _ = fs::remove_file(e.path());
-        }
-    }
 }
 
 #[cfg(test)]

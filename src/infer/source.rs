@@ -489,7 +489,7 @@ fn tempfile_probe(dir: &Path) -> bool {
 
 /// Removes earlier cache files named `prefix` + 16 hex digits (for an older version of the
 /// checkpoint, or of its adapters).
-fn remove_stale(dir: &Path, prefix: &str, keep: &str) {
+pub(crate) fn remove_stale(dir: &Path, prefix: &str, keep: &str) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };

@@ -116,3 +116,22 @@ pub fn argmax(v: &[f32]) -> usize {
         .enumerate()
         .fold(0, |best, (i, &x)| if x > v[best] { i } else { best })
 }
+
+/// The PEFT LoRA adapter fixtures under `models/`.
+pub const ADAPTERS: &[&str] = &[
+    "lora-tiny-7b-all",
+    "lora-tiny-7b-rslora",
+    "lora-tiny-40b-all",
+    "lora-tiny-40b-patterns",
+];
+
+/// The base fixture an adapter was made on (its reference.json's "base").
+pub fn base_of(adapter: &str) -> String {
+    let path = fixture(adapter).join("reference.json");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["base"]
+        .as_str()
+        .expect("reference.json names its base")
+        .to_string()
+}

@@ -125,13 +125,9 @@ fn install_signal_handlers(fatal: bool) {
     }
     falcon::engine::on_fatal(|f| {
         let msg = if f.dead_workers.is_empty() {
-            format!("llama.cpp gave up: {}", f.message)
+            f.reason()
         } else {
-            format!(
-                "RPC worker {} stopped answering ({}); restart it there, or run without it",
-                f.dead_workers.join(", "),
-                f.message
-            )
+            format!("{}; restart it there, or run without it", f.reason())
         };
         eprintln!("falcon-infer: error: {msg}");
         // SAFETY: ends the process without running destructors of ggml's threads, which are

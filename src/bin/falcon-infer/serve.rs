@@ -317,13 +317,9 @@ fn check_kv_fits(
 fn install_fatal_handler(state: Arc<AppState>) {
     falcon::engine::on_fatal(move |f| {
         let why = if f.dead_workers.is_empty() {
-            format!("llama.cpp gave up: {}", f.message)
+            f.reason()
         } else {
-            format!(
-                "the RPC worker {} stopped answering ({}); restart it and this server",
-                f.dead_workers.join(", "),
-                f.message
-            )
+            format!("{}; restart it and this server", f.reason())
         };
         tracing::error!("{why}");
         state.health.set_failed(why);
