@@ -10,6 +10,7 @@
 //! - [`queue`]: the only link to the batching loop, which owns the model's context on its own
 //!   thread: a bounded queue of [`queue::Job`]s, each with a bounded channel of
 //!   [`queue::Event`]s back; [`text`] turns the loop's tokens into text.
+//! - [`batch`]: the batching loop itself (continuous batching over one llama.cpp context).
 //! - [`openai`], [`tgi`]: each API's request and response types.
 //!
 //! This module never prints: each request is reported as a `tracing` event (target
