@@ -495,6 +495,8 @@ fn sigterm_stops_taking_requests_and_exits_0() {
     assert_eq!(s.wait_exit(Duration::from_secs(20)), Some(0), "{}", s.log());
     drop(stream);
     assert!(s.log().contains("stopped"), "{}", s.log());
+    // Regression: the batching loop stopped only after a 10 s timeout (the queue stayed open).
+    assert!(!s.log().contains("did not stop"), "{}", s.log());
     assert!(ureq::get(&format!("{}/health", s.url)).call().is_err());
 }
 

@@ -55,12 +55,15 @@ impl SamplingParams {
 pub struct Sampler {
     chain: LlamaSampler,
     greedy: bool,
+    penalties: bool,
 }
 
 impl Sampler {
     pub(crate) fn new(p: &SamplingParams, n_vocab: usize) -> Self {
         let mut chain = Vec::new();
-        if p.repeat_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+        let penalties =
+            p.repeat_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
+        if penalties {
             chain.push(LlamaSampler::penalties(
                 i32::try_from(n_vocab).unwrap_or(i32::MAX),
                 p.repeat_last_n,
@@ -88,6 +91,7 @@ impl Sampler {
         Sampler {
             chain: LlamaSampler::chain_simple(chain),
             greedy,
+            penalties,
         }
     }
 
@@ -119,6 +123,13 @@ impl Sampler {
     #[must_use]
     pub fn is_greedy(&self) -> bool {
         self.greedy
+    }
+
+    /// Whether the chain picks the most likely token of the raw logits (greedy, no penalties):
+    /// then the caller's argmax is its choice, and it keeps no state worth feeding.
+    #[must_use]
+    pub fn is_argmax(&self) -> bool {
+        self.greedy && !self.penalties
     }
 }
 

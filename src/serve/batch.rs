@@ -96,27 +96,48 @@ fn sampler(model: &Model<'_>, s: &Sampling, index: u32) -> Sampler {
     })
 }
 
-/// The log-probability of `token` and the `k` most probable tokens under `logits`.
-fn logprobs(logits: &[f32], token: Token, k: usize) -> (f32, Vec<(Token, f32)>) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
-    let norm = max + sum.ln() as f32;
-    let lp = |t: Token| {
+/// One pass over a row of logits: the most probable token and the log of the softmax's
+/// denominator (so that a token's log-probability is `logit - log_norm`).
+#[derive(Clone, Copy, Debug)]
+struct RowStats {
+    argmax: Token,
+    log_norm: f32,
+}
+
+fn row_stats(logits: &[f32]) -> RowStats {
+    let (argmax, max) =
         logits
-            .get(t as usize)
-            .map_or(f32::NEG_INFINITY, |&l| l - norm)
-    };
-    let mut top = Vec::new();
-    if k > 0 {
-        let mut ids: Vec<Token> = (0..logits.len() as Token).collect();
-        let k = k.min(ids.len());
-        let by_logit = |a: &Token, b: &Token| logits[*b as usize].total_cmp(&logits[*a as usize]);
-        ids.select_nth_unstable_by(k - 1, by_logit);
-        ids.truncate(k);
-        ids.sort_by(by_logit);
-        top = ids.into_iter().map(|t| (t, lp(t))).collect();
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                if v > bv {
+                    (i, v)
+                } else {
+                    (bi, bv)
+                }
+            });
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    RowStats {
+        argmax: argmax as Token,
+        log_norm: max + sum.ln(),
     }
-    (lp(token), top)
+}
+
+/// The `k` most probable tokens under `logits`, most probable first, with their
+/// log-probabilities.
+fn top_k(logits: &[f32], log_norm: f32, k: usize) -> Vec<(Token, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut ids: Vec<Token> = (0..logits.len() as Token).collect();
+    let k = k.min(ids.len());
+    let by_logit = |a: &Token, b: &Token| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    ids.select_nth_unstable_by(k - 1, by_logit);
+    ids.truncate(k);
+    ids.sort_by(by_logit);
+    ids.into_iter()
+        .map(|t| (t, logits[t as usize] - log_norm))
+        .collect()
 }
 
 /// Runs jobs until the queue is closed and empty and every running job has ended.
@@ -147,6 +168,8 @@ pub fn run(
     let mut step: usize = 0;
 
     loop {
+        // Before the loop may block waiting for a job: what /metrics shows must be current.
+        report(metrics, ctx, slots, &free);
         // Take new jobs while there are free slots: what waits for one stays in the queue,
         // where --max-queue counts it.
         while open {
@@ -226,9 +249,7 @@ pub fn run(
             }
             !gone
         });
-        metrics.busy_slots.set((slots - free.len()) as i64);
         if running.is_empty() {
-            metrics.kv_cells_used.set(ctx.kv_cells_used() as i64);
             continue;
         }
 
@@ -304,7 +325,8 @@ pub fn run(
             continue;
         }
 
-        // Sample the next token of every sequence that got logits.
+        // Sample the next token of every sequence that got logits: one pass over each row
+        // finds the argmax (greedy's choice) and the softmax's denominator (the logprob).
         for r in running.iter_mut().filter(|r| r.job.adapter == group) {
             if let Some(row) = r.prompt_row.take() {
                 let len = r.job.prompt.len() as u32;
@@ -317,21 +339,41 @@ pub fn run(
                     s.row = Some(row);
                 }
             }
+        }
+        let mut rows: Vec<usize> = running
+            .iter()
+            .filter(|r| r.job.adapter == group)
+            .flat_map(|r| r.seqs.iter().filter_map(|s| s.row))
+            .collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let stats: Vec<RowStats> = rows.iter().map(|&row| row_stats(ctx.logits(row))).collect();
+        for r in running.iter_mut().filter(|r| r.job.adapter == group) {
             for s in &mut r.seqs {
                 let Some(row) = s.row.take() else { continue };
                 if s.next.is_some() {
                     s.pos += 1;
                 }
+                let st = stats[rows.binary_search(&row).expect("a row of this step")];
                 let logits = ctx.logits(row);
-                let token = s.sampler.sample(logits);
-                let k = r.job.params.top_logprobs as usize;
-                let (logprob, top) = logprobs(logits, token, k);
+                let token = if s.sampler.is_argmax() {
+                    st.argmax
+                } else {
+                    s.sampler.sample(logits)
+                };
+                let logprob = logits[token as usize] - st.log_norm;
+                let top = top_k(logits, st.log_norm, r.job.params.top_logprobs as usize);
                 emit(model, &r.job, s, token, logprob, &top, n_ctx);
             }
         }
         flush_all(ctx, &mut running, &mut free);
-        metrics.kv_cells_used.set(ctx.kv_cells_used() as i64);
     }
+}
+
+/// Slots and KV cells in use, for `/metrics`.
+fn report(metrics: &Metrics, ctx: &Context<'_>, slots: usize, free: &[i32]) {
+    metrics.busy_slots.set((slots - free.len()) as i64);
+    metrics.kv_cells_used.set(ctx.kv_cells_used() as i64);
 }
 
 /// Records one generated token of `s` as events, and ends the sequence when it is done.
@@ -469,18 +511,20 @@ fn fail_group(
 
 #[cfg(test)]
 mod tests {
-    use super::logprobs;
+    use super::{row_stats, top_k};
 
     #[test]
-    fn logprobs_are_a_log_softmax_and_top_is_sorted() {
+    fn row_stats_give_a_log_softmax_and_top_is_sorted() {
         let logits = [1.0f32, 3.0, 2.0, 0.5];
-        let (lp, top) = logprobs(&logits, 2, 3);
+        let st = row_stats(&logits);
+        assert_eq!(st.argmax, 1);
         let z: f32 = logits.iter().map(|l| l.exp()).sum();
-        assert!((lp - (2.0f32.exp() / z).ln()).abs() < 1e-5);
-        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2, 0]);
-        assert!((top[1].1 - lp).abs() < 1e-6);
-        let total: f32 = logits.iter().map(|&l| (l - z.ln()).exp()).sum();
+        assert!((logits[2] - st.log_norm - (2.0f32.exp() / z).ln()).abs() < 1e-5);
+        let total: f32 = logits.iter().map(|&l| (l - st.log_norm).exp()).sum();
         assert!((total - 1.0).abs() < 1e-5);
-        assert!(logprobs(&logits, 0, 0).1.is_empty());
+        let top = top_k(&logits, st.log_norm, 3);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2, 0]);
+        assert!((top[1].1 - (logits[2] - st.log_norm)).abs() < 1e-6);
+        assert!(top_k(&logits, st.log_norm, 0).is_empty());
     }
 }

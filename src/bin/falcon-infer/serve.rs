@@ -209,7 +209,7 @@ pub fn run(s: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
     let state = AppState::new(validator, q, metrics.clone(), health.clone());
-    install_fatal_handler(state.clone());
+    install_fatal_handler(Arc::downgrade(&state));
     let app = http::router(
         state.clone(),
         &HttpOptions {
@@ -314,7 +314,7 @@ fn check_kv_fits(
 
 /// When ggml gives up (an RPC worker holding some layers died), the server stays up to say so:
 /// `/health` answers 503 with the reason, running requests end with an error, new ones get 503.
-fn install_fatal_handler(state: Arc<AppState>) {
+fn install_fatal_handler(state: std::sync::Weak<AppState>) {
     falcon::engine::on_fatal(move |f| {
         let why = if f.dead_workers.is_empty() {
             f.reason()
@@ -322,8 +322,11 @@ fn install_fatal_handler(state: Arc<AppState>) {
             format!("{}; restart it and this server", f.reason())
         };
         tracing::error!("{why}");
-        state.health.set_failed(why);
-        state.cut_requests();
+        // A weak reference: the handler must not keep the queue open after shutdown.
+        if let Some(state) = state.upgrade() {
+            state.health.set_failed(why);
+            state.cut_requests();
+        }
         // ggml aborts the process when this returns; the thread that called it owned the model's
         // context, which is unusable now. Keep it parked so that the HTTP side goes on answering.
         loop {
