@@ -178,6 +178,11 @@ where
 {
     let stopping = Arc::new(tokio::sync::Notify::new());
     let notify = stopping.clone();
+    // Streams send one small write per token: without TCP_NODELAY, Nagle's algorithm could hold
+    // one back until the client acknowledges the previous one.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             stop.await;
@@ -344,11 +349,20 @@ async fn wrong_method(method: Method, uri: axum::http::Uri) -> ApiError {
 type Rec = Extension<Arc<RequestRecord>>;
 
 /// Runs validation off the async threads (templates and tokenization take CPU time).
+/// Request bodies up to this size are validated (and their prompts tokenized) on the async
+/// worker that received them.
+const INLINE_VALIDATION_BYTES: usize = 16 << 10;
+
 async fn validate<T, F>(state: &Arc<AppState>, api: Api, body: Bytes, f: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
     F: FnOnce(&Validator, &[u8]) -> Result<T, ApiError> + Send + 'static,
 {
+    // Tokenizing a long prompt takes milliseconds: off the async workers. A short one costs
+    // less than the hop to the blocking pool.
+    if body.len() <= INLINE_VALIDATION_BYTES {
+        return f(&state.validator, &body);
+    }
     let st = state.clone();
     tokio::task::spawn_blocking(move || f(&st.validator, &body))
         .await
