@@ -154,11 +154,17 @@ def stop(proc):
 
 
 def measure(kind, args, model):
+    """Each concurrency --rounds times: the median round's aggregate, percentiles over all."""
     port = free_port()
     proc = start_server(kind, args, model, port)
     try:
         round_(port, 1, 8)  # warm-up
-        return {c: round_(port, c, args.tokens) for c in args.clients}
+        out = {}
+        for c in args.clients:
+            rounds = [round_(port, c, args.tokens) for _ in range(args.rounds)]
+            med = sorted(rounds, key=lambda r: r["tok_s"])[len(rounds) // 2]
+            out[c] = dict(med, rounds=[r["tok_s"] for r in rounds])
+        return out
     finally:
         stop(proc)
 
@@ -173,6 +179,7 @@ def main():
     ap.add_argument("--ctx-size", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per concurrency (median)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
