@@ -4,8 +4,8 @@
 For each model and each concurrency (1, 4 and 16 clients by default), every client streams one
 greedy completion of --tokens tokens from its own prompt through OpenAI's /v1/completions; the
 script reports aggregate generated tokens per second (all tokens over the wall time of the
-round), and the p50 and p99 time to first token (TTFT) and time per output token (TPOT, after
-the first). Both servers get the same file, --parallel, per-sequence context and threads; the
+round; the median of --rounds rounds), and that round's p50 and p99 time to first token (TTFT)
+and time per output token (TPOT, after the first). Both servers get the same file, --parallel, per-sequence context and threads; the
 servers run one at a time. Ratios are falcon / llama-server (TTFT: llama-server / falcon, so
 that above 1 is better for falcon too).
 
